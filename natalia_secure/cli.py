@@ -1,0 +1,206 @@
+"""`natalia-secure`: the operator's command line. Entry point `main(argv=None) -> int`, tested in-process.
+
+Configuration is read in main(), never at import time, so every mistake goes through the same error handling:
+each NataliaError is one line on stderr and its documented exit code (README.md, "Exit codes").
+Decrypted content goes to stdout only, never to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from . import __version__, keyring, masterkey, sessions
+from .atomicfile import ensure_private_dir
+from .clock import iso_utc, now_ms
+from .errors import ConfigError, NataliaError, NotFoundError, UsageError
+from .lock import StoreLock
+from .store import Store, StoreOptions
+from .verify import verify_state_dir
+
+DEFAULT_STATE_DIR = "/var/lib/natalia-secure"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--state-dir", default=default, metavar="DIR", help=f"state directory (env NATALIA_STATE_DIR, default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--master-key", default=default, metavar="FILE", help="master key file (env NATALIA_MASTER_KEY_FILE, or $CREDENTIALS_DIRECTORY/master-key)")
+    parser.add_argument("--wait", type=float, default=default, metavar="SECONDS", help="wait this long for the store lock (default: fail at once)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="natalia-secure", description="Natalia's sealed conversation store and daemon.")
+    parser.add_argument("--version", action="version", version=f"natalia-secure {__version__}")
+    _common(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # Common options are accepted after the command too; SUPPRESS keeps a value given before it.
+    common = _Parser(add_help=False)
+    _common(common, argparse.SUPPRESS)
+
+    keys = sub.add_parser("keys", help="master key and keyring", parents=[common])
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_sub.add_parser("init", help="create the master key file (if absent) and the keyring", parents=[common])
+
+    imp = sub.add_parser("import-legacy", help="import the legacy plaintext sessions.json", parents=[common])
+    imp.add_argument("file", metavar="FILE")
+
+    lst = sub.add_parser("list", help="every session: phone, messages, first and last activity", parents=[common])
+    lst.add_argument("--json", action="store_true")
+
+    show = sub.add_parser("show", help="decrypt and show one conversation", parents=[common])
+    show.add_argument("phone", metavar="PHONE")
+    show.add_argument("--json", action="store_true")
+
+    ver = sub.add_parser("verify", help="authenticate every sealed file", parents=[common])
+    ver.add_argument("--json", action="store_true")
+    return parser
+
+
+class Context:
+    """What every command needs, resolved once from options and environment."""
+
+    def __init__(self, args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> None:
+        self.args = args
+        self.environ = environ
+        self.state_dir = args.state_dir or environ.get("NATALIA_STATE_DIR") or DEFAULT_STATE_DIR
+        wait = args.wait if args.wait is not None else 0.0
+        if wait < 0:
+            raise UsageError("--wait must be >= 0")
+        self.options = StoreOptions(lock_wait=wait)
+
+    def master(self) -> masterkey.MasterKey:
+        return masterkey.load(self.args.master_key, self.environ)
+
+    def open(self, readonly: bool) -> Store:
+        return Store.open(self.state_dir, self.master(), self.options, readonly=readonly)
+
+
+def _print_json(obj: Any, out: TextIO) -> None:
+    out.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def cmd_keys_init(ctx: Context, out: TextIO) -> int:
+    path = masterkey.locate(ctx.args.master_key, {k: v for k, v in ctx.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    if os.path.lexists(path):
+        master = masterkey.read_key_file(path)
+        out.write(f"master key: {path} exists, using it (id {master.kid})\n")
+    else:
+        master = masterkey.create_key_file(path)
+        out.write(f"master key: created {path} (id {master.kid}); back it up: without it no file can be read\n")
+    ensure_private_dir(ctx.state_dir, create=True)
+    lock = StoreLock.acquire(ctx.state_dir, ctx.options.lock_wait)
+    try:
+        ring_path = os.path.join(ctx.state_dir, keyring.FILENAME)
+        if os.path.exists(ring_path):
+            ring = keyring.load(ctx.state_dir, master)  # proves the key opens it
+            out.write(f"keyring: {ring_path} already exists and opens with this master key (primary {ring.primary.id})\n")
+            return 0
+        now = now_ms()
+        ring = keyring.save(ctx.state_dir, keyring.Keyring.new(iso_utc(now)), master, now)
+        out.write(f"keyring: created {ring_path} (primary data key {ring.primary.id})\n")
+    finally:
+        lock.release()
+    return 0
+
+
+def cmd_import_legacy(ctx: Context, out: TextIO) -> int:
+    try:
+        with open(ctx.args.file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {ctx.args.file}: {exc.strerror}") from None
+    pairs = sessions.parse_legacy(data)
+    with ctx.open(readonly=False) as store:
+        store.import_sessions(pairs)
+        messages = sum(len(s["messages"]) for _, s in pairs)
+        out.write(f"imported {len(pairs)} sessions ({messages} messages) into snapshot generation {store.generation}\n")
+    return 0
+
+
+def cmd_list(ctx: Context, out: TextIO) -> int:
+    store = ctx.open(readonly=True)
+    rows = [
+        {"phone": p, "messages": len(s["messages"]), "firstInteraction": s["firstInteraction"], "lastActivity": s["lastActivity"]}
+        for p, s in store.items()
+    ]
+    rows.sort(key=lambda r: (-r["lastActivity"], r["phone"]))
+    if ctx.args.json:
+        _print_json(rows, out)
+        return 0
+    out.write(f"{'PHONE':<20} {'MESSAGES':>8}  {'FIRST (UTC)':<20}  {'LAST (UTC)':<20}\n")
+    for r in rows:
+        out.write(f"{r['phone']:<20} {r['messages']:>8}  {iso_utc(r['firstInteraction']):<20}  {iso_utc(r['lastActivity']):<20}\n")
+    out.write(f"{len(rows)} sessions, {sum(r['messages'] for r in rows)} messages\n")
+    return 0
+
+
+def _find(store: Store, phone: str) -> tuple[str, sessions.Session]:
+    for candidate in (phone, phone.lstrip("+")):
+        if candidate in store:
+            return candidate, store.get(candidate)
+    raise NotFoundError("no session for that phone")
+
+
+def cmd_show(ctx: Context, out: TextIO) -> int:
+    phone, session = _find(ctx.open(readonly=True), ctx.args.phone)
+    if ctx.args.json:
+        _print_json({"phone": phone, **session}, out)
+        return 0
+    out.write(f"{phone}: {len(session['messages'])} messages, first {iso_utc(session['firstInteraction'])}, last {iso_utc(session['lastActivity'])}\n")
+    for m in session["messages"]:
+        text = m["content"].replace("\n", "\n" + " " * 32)
+        out.write(f"{iso_utc(m['timestamp'])}  {m['role']:<9}  {text}\n")
+    return 0
+
+
+def cmd_verify(ctx: Context, out: TextIO) -> int:
+    report = verify_state_dir(ctx.state_dir, ctx.master())
+    if ctx.args.json:
+        _print_json(report.to_json(), out)
+    else:
+        for f in report.files:
+            status = "ok  " if f.ok else "FAIL"
+            detail = f.error if not f.ok else (f.note or "")
+            out.write(f"{status} {f.kind or '-':<8} {f.kid or '-':<16} g{f.generation if f.generation is not None else '-':<7} {f.created or '-':<20} {f.file}  {detail}\n")
+        out.write(report.summary() + "\n")
+    return 0 if report.ok else 5
+
+
+COMMANDS = {
+    ("keys", "init"): cmd_keys_init,
+    ("import-legacy", None): cmd_import_legacy,
+    ("list", None): cmd_list,
+    ("show", None): cmd_show,
+    ("verify", None): cmd_verify,
+}
+
+
+def main(argv: Sequence[str] | None = None, environ: os._Environ[str] | dict[str, str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    environ = os.environ if environ is None else environ
+    try:
+        args = build_parser().parse_args(argv)
+        ctx = Context(args, environ)
+        return COMMANDS[(args.command, getattr(args, "keys_command", None))](ctx, out)
+    except NataliaError as exc:
+        err.write(f"natalia-secure: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.write("natalia-secure: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0  # `natalia-secure list | head`
+
+
+def run() -> None:
+    sys.exit(main())

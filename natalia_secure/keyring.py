@@ -1,0 +1,121 @@
+"""The keyring: data keys that seal the store's files, itself sealed by the master key (KMS/Vault's two levels).
+
+Each key has an id, a status and a creation time. The primary key wraps the data key of every new file; enabled
+keys still open older files; retired keys open nothing (`keys retire` refuses while a file still uses one). Because
+only this small file depends on the master key, rotating the master key rewraps one file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+
+import orjson
+
+from . import atomicfile, envelope
+from .clock import iso_utc
+from .errors import EnvelopeError, IntegrityError, KeyMaterialError, NotFoundError
+from .masterkey import MasterKey
+
+FILENAME = "keyring.enc"
+STATUSES = ("primary", "enabled", "retired")
+
+
+@dataclass(frozen=True)
+class DataKey:
+    id: str
+    status: str
+    created: str
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Keyring:
+    keys: tuple[DataKey, ...]
+    generation: int = 0
+
+    @classmethod
+    def new(cls, created: str) -> Keyring:
+        return cls((new_data_key(created, "primary"),), 0)
+
+    @property
+    def primary(self) -> DataKey:
+        return next(k for k in self.keys if k.status == "primary")
+
+    def usable(self) -> dict[str, bytes]:
+        """The keys that may open files: primary and enabled (not retired)."""
+        return {k.id: k.key for k in self.keys if k.status != "retired"}
+
+    def get(self, kid: str) -> DataKey:
+        for k in self.keys:
+            if k.id == kid:
+                return k
+        raise NotFoundError(f"no data key {kid!r} in the keyring")
+
+    def rotated(self, created: str) -> Keyring:
+        """A new primary key; the old primary stays enabled so existing files still open."""
+        old = tuple(replace(k, status="enabled") if k.status == "primary" else k for k in self.keys)
+        return Keyring(old + (new_data_key(created, "primary"),), self.generation)
+
+    def to_payload(self) -> bytes:
+        return orjson.dumps(
+            {"keys": [{"id": k.id, "status": k.status, "created": k.created, "key": k.key.hex()} for k in self.keys]}
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, generation: int) -> Keyring:
+        try:
+            obj = orjson.loads(payload)
+            keys = tuple(
+                DataKey(str(k["id"]), str(k["status"]), str(k["created"]), bytes.fromhex(k["key"])) for k in obj["keys"]
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"keyring payload is malformed: {exc}") from None
+        if sum(k.status == "primary" for k in keys) != 1 or any(
+            k.status not in STATUSES or len(k.key) != envelope.KEY_LEN for k in keys
+        ):
+            raise IntegrityError("keyring payload is malformed: it needs exactly one primary key of 32 bytes")
+        return cls(keys, generation)
+
+
+def new_data_key(created: str, status: str) -> DataKey:
+    return DataKey("d-" + secrets.token_hex(6), status, created, os.urandom(envelope.KEY_LEN))
+
+
+def seal_keyring(ring: Keyring, master: MasterKey, created: str) -> bytes:
+    header = envelope.Header(kind="keyring", kid=master.kid, generation=ring.generation, created=created, chunk=4096)
+    return envelope.seal(header, master.key, ring.to_payload())
+
+
+def open_keyring(blob: bytes, master: MasterKey, source: str) -> Keyring:
+    try:
+        header, _ = envelope.parse_prefix(blob)
+    except EnvelopeError as exc:
+        raise IntegrityError(f"{source}: {exc}") from None
+    if header.kid != master.kid:
+        raise KeyMaterialError(
+            f"{source} is sealed by master key {header.kid}, but {master.source} is master key {master.kid}: wrong master key"
+        )
+    try:
+        header, payload = envelope.open_sealed(blob, {master.kid: master.key}, kind="keyring")
+    except EnvelopeError as exc:
+        raise IntegrityError(f"{source}: {exc}") from None
+    return Keyring.from_payload(payload, header.generation)
+
+
+def load(state_dir: str, master: MasterKey) -> Keyring:
+    path = os.path.join(state_dir, FILENAME)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise KeyMaterialError(f"no keyring in {state_dir} (create one with: natalia-secure keys init)") from None
+    return open_keyring(blob, master, path)
+
+
+def save(state_dir: str, ring: Keyring, master: MasterKey, now_ms: int) -> Keyring:
+    """Durably replace the keyring, one generation up; returns the keyring as saved."""
+    ring = replace(ring, generation=ring.generation + 1)
+    atomicfile.write_atomic(os.path.join(state_dir, FILENAME), [seal_keyring(ring, master, iso_utc(now_ms))])
+    return ring

@@ -1,0 +1,111 @@
+"""Conversations in the legacy system's shape, and its plaintext `sessions.json`. Pure: dicts and bytes only.
+
+A session is the legacy object, field names kept so operators' scripts keep working (../shared/seed/):
+``{"messages": [{"role": "user"|"assistant", "content": str, "timestamp": ms}, ...], "lastActivity": ms,
+"firstInteraction": ms}``. Fields we do not know are kept as they are, so an import round-trips exactly.
+The legacy file is a JSON array of ``[phone, session]`` pairs written by ``JSON.stringify(pairs, null, 2)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from .errors import InputError
+
+MAX_MESSAGES = 250  # the legacy limit; the oldest leave first
+DEFAULT_INACTIVE_DAYS = 365  # the legacy "timeout 1 año"
+ROLES = ("user", "assistant")
+MAX_PHONE_LEN = 128
+
+Session = dict[str, Any]
+
+
+def new_session(timestamp: int) -> Session:
+    return {"messages": [], "lastActivity": timestamp, "firstInteraction": timestamp}
+
+
+def append_message(session: Session, role: str, content: str, timestamp: int, max_messages: int = MAX_MESSAGES) -> None:
+    """Add one message, dropping the oldest beyond `max_messages`; activity never moves backwards."""
+    messages = session["messages"]
+    messages.append({"role": role, "content": content, "timestamp": timestamp})
+    if len(messages) > max_messages:
+        del messages[: len(messages) - max_messages]
+    session["lastActivity"] = max(session.get("lastActivity", timestamp), timestamp)
+    session.setdefault("firstInteraction", timestamp)
+
+
+def is_inactive(session: Session, now_ms: int, max_idle_ms: int) -> bool:
+    return bool(now_ms - session["lastActivity"] > max_idle_ms)
+
+
+def encode(session: Session) -> bytes:
+    """Compact JSON: the form a session takes in memory when cold and inside sealed snapshots."""
+    return orjson.dumps(session)
+
+
+def decode(data: bytes | memoryview) -> Session:
+    session: Session = orjson.loads(data)
+    return session
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def check_phone(phone: object, where: str = "phone") -> str:
+    if not isinstance(phone, str) or not phone or len(phone) > MAX_PHONE_LEN or not phone.isprintable():
+        raise InputError(f"{where} must be a non-empty printable string of at most {MAX_PHONE_LEN} characters")
+    return phone
+
+
+def check_session(session: object, where: str = "session") -> Session:
+    """Validate the legacy shape, naming the first thing wrong (by position: never quoting personal data)."""
+    if not isinstance(session, dict):
+        raise InputError(f"{where} must be an object")
+    messages = session.get("messages")
+    if not isinstance(messages, list):
+        raise InputError(f"{where}.messages must be an array")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"{where}.messages[{i}] must be an object")
+        if m.get("role") not in ROLES:
+            raise InputError(f"{where}.messages[{i}].role must be 'user' or 'assistant'")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"{where}.messages[{i}].content must be a string")
+        if not _is_int(m.get("timestamp")):
+            raise InputError(f"{where}.messages[{i}].timestamp must be a non-negative integer (ms)")
+    for name in ("lastActivity", "firstInteraction"):
+        if not _is_int(session.get(name)):
+            raise InputError(f"{where}.{name} must be a non-negative integer (ms)")
+    return session
+
+
+def parse_legacy(data: bytes) -> list[tuple[str, Session]]:
+    """Parse and validate a legacy sessions.json; the first problem is reported, nothing is half-read."""
+    try:
+        pairs = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc}") from None
+    if not isinstance(pairs, list):
+        raise InputError("expected a JSON array of [phone, session] pairs")
+    seen: set[str] = set()
+    out = []
+    for i, pair in enumerate(pairs):
+        where = f"entry {i}"
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise InputError(f"{where} must be a [phone, session] pair")
+        phone = check_phone(pair[0], f"{where} phone")
+        if phone in seen:
+            raise InputError(f"{where} repeats a phone already given earlier in the file")
+        seen.add(phone)
+        out.append((phone, check_session(pair[1], f"{where} session")))
+    return out
+
+
+def dump_legacy(pairs: Iterable[tuple[str, Session]]) -> bytes:
+    """The legacy file's exact bytes: JSON.stringify(pairs, null, 2) and Python's indent=2 agree on this data."""
+    return json.dumps([[p, s] for p, s in pairs], indent=2, ensure_ascii=False).encode()

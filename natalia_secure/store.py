@@ -1,0 +1,551 @@
+"""The sealed session store: the one way sessions reach the disk, and the narrow interface the daemon sees.
+
+    open  -> newest snapshot chain (a base and the deltas after it) + replay of the newer journal records
+    add_message / claim / purge -> journal record first (refused while degraded), then memory; returns an lsn
+    wait_durable(lsn) / flush() -> the record is sealed and fsynced (group commit)
+    snapshot() -> compacts: only sessions changed since the last snapshot are re-encoded and written
+    get / phones / summaries -> reads
+
+Memory: a session is held as its compact JSON bytes (cold) and decoded into a dict only when changed (hot), so
+everything loaded costs about the JSON size (plain dicts took 3.8x, DESIGN.md). A snapshot first encodes the hot
+sessions back to bytes, then takes a consistent cut on the caller's thread (a dict copy, a journal rotation), and
+seals and writes in a worker thread: encrypt_into, os.write and fsync release the GIL, so the loop keeps serving.
+
+Failure: a journal write or fsync that fails marks the store degraded; every change is then refused
+(StoreUnavailable: the daemon answers 503 and Meta retries) until a full snapshot of memory succeeds, which makes
+durable everything memory holds, on a new journal segment. Old files are never touched in between.
+
+A second backend (PostgreSQL, rows sealed on the client) would implement the same public methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import atomicfile, backups, journal, keyring, sessions, snapshot
+from .clock import iso_utc, now_ms
+from .envelope import DEFAULT_CHUNK, Header
+from .errors import InputError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable
+from .lock import StoreLock
+from .masterkey import MasterKey
+
+DAY_MS = 86_400_000
+RECOVER_HINT = "the store refuses to open it; see `natalia-secure verify`, and `natalia-secure recover` to restore a backup"
+
+
+@dataclass
+class StoreOptions:
+    max_messages: int = sessions.MAX_MESSAGES
+    durability: str = "always"  # or "interval"
+    interval_ms: int = 10
+    claim_ttl_ms: int = 7 * DAY_MS  # Meta redelivers for up to 7 days
+    chunk: int = DEFAULT_CHUNK
+    delta_ratio: float = 0.5  # a base is rewritten once the deltas since it add up to half its size...
+    max_deltas: int = 64  # ...or there are this many of them (bounds open time)
+    lock_wait: float = 0.0
+
+
+@dataclass
+class _Plan:
+    """A consistent cut of the store, to be sealed into one snapshot (or backup) file."""
+
+    generation: int
+    full: bool
+    meta: dict[str, Any]
+    claims: dict[str, int]
+    sessions: list[tuple[str, bytes]] = field(repr=False)
+    tombstones: list[str]
+    changed: set[str] = field(repr=False)
+    kid: str
+    key: bytes = field(repr=False)
+    recovering: bool = False  # cut while degraded: on a new journal segment, so success ends the degraded state
+
+
+class Store:
+    def __init__(self, state_dir: str, master: MasterKey, options: StoreOptions, clock: Callable[[], int]) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.master = master
+        self.options = options
+        self.clock = clock
+        self.keyring = keyring.load(self.state_dir, master)
+        self._table: dict[str, bytes | sessions.Session] = {}  # bytes: cold (as on disk); dict: hot (changed)
+        self._hot: set[str] = set()
+        self._changed: set[str] = set()  # changed or removed since the last snapshot: the next delta's content
+        self._claims: dict[str, int] = {}
+        self.lsn = 0
+        self.generation = 0  # of the newest snapshot
+        self._base_generation: int | None = None
+        self._base_bytes = 0
+        self._delta_bytes = 0
+        self._deltas = 0
+        self._next_segment = 1
+        self._replayed: list[journal.SegmentRead] = []
+        self._journal: journal.Journal | None = None
+        self._committer: journal.GroupCommitter | None = None
+        self._lock: StoreLock | None = None
+        self._snapshot_executor: ThreadPoolExecutor | None = None
+        self._snapshot_lock: asyncio.Lock | None = None
+        self.degraded: str | None = None
+        self.last_snapshot_ms: int | None = None
+        self.dropped_torn_tails = 0
+
+    # ---- opening ----
+
+    @classmethod
+    def open(cls, state_dir: str, master: MasterKey, options: StoreOptions | None = None, *, readonly: bool = False, clock: Callable[[], int] = now_ms) -> Store:
+        """Open for writing (takes the lock, removes stale temps) or read-only (no lock, writes nothing)."""
+        options = options or StoreOptions()
+        atomicfile.ensure_private_dir(state_dir, create=False)
+        if readonly:
+            return cls._open_readonly(state_dir, master, options, clock)
+        lock = StoreLock.acquire(state_dir, options.lock_wait)
+        try:
+            store = cls(state_dir, master, options, clock)
+            store._lock = lock
+            store._load()
+            store._start_writing()
+        except BaseException:
+            lock.release()
+            raise
+        return store
+
+    @classmethod
+    def _open_readonly(cls, state_dir: str, master: MasterKey, options: StoreOptions, clock: Callable[[], int]) -> Store:
+        # A running daemon may compact while we read: a file we listed can vanish. The cut we read is still
+        # consistent once we read a chain and segments that all exist, so retry from the start.
+        for attempt in range(20):
+            store = cls(state_dir, master, options, clock)
+            try:
+                store._load()
+                return store
+            except FileNotFoundError:
+                time.sleep(0.05 * (attempt + 1))
+        raise StoreUnavailable(f"{state_dir} kept changing while it was read; try again")
+
+    def _load(self) -> None:
+        keys = self.keyring.usable()
+        names = os.listdir(self.state_dir)
+        generations = snapshot.list_generations(self.state_dir)
+        segments = sorted(int(m.group(1)) for n in names if (m := journal.SEGMENT_NAME.match(n)))
+        start_segment = 1
+        if generations:
+            chain = self._chain(generations[-1], keys)
+            for i, gen in enumerate(chain):
+                path = os.path.join(self.state_dir, snapshot.snapshot_name(gen))
+                header, data = snapshot.read_file(path, keys)
+                self._check_snapshot(path, header, data.meta, gen, chain[0], i)
+                self._apply_snapshot(data)
+                size = os.path.getsize(path)
+                if i == 0:
+                    self._base_bytes = size
+                else:
+                    self._delta_bytes += size
+                    self._deltas += 1
+            self.generation = chain[-1]
+            self._base_generation = chain[0]
+            self.lsn = data.meta["lsn"]
+            start_segment = data.meta["segment"]
+        expected = self.lsn + 1
+        for number in segments:
+            if number < start_segment:
+                continue  # covered by the snapshot; removed at the next snapshot
+            read = journal.read_segment(os.path.join(self.state_dir, journal.segment_name(number)), number, keys)
+            self._replayed.append(read)
+            if read.first_lsn is None:
+                self.dropped_torn_tails += 1
+                continue
+            if read.first_lsn != expected:
+                raise IntegrityError(
+                    f"{read.path}: journal gap: expected lsn {expected}, the segment starts at {read.first_lsn} "
+                    f"(records are missing); {RECOVER_HINT}"
+                )
+            for offset, payload in enumerate(read.payloads):
+                self._replay(payload, expected + offset, read.path)
+            expected += len(read.payloads)
+            self.dropped_torn_tails += read.torn
+        self.lsn = expected - 1
+        self._next_segment = max([start_segment - 1, *segments]) + 1
+        self._expire_claims()
+
+    def _chain(self, newest: int, keys: dict[str, bytes]) -> list[int]:
+        """Generations from the base to `newest`, following each delta's parent."""
+        chain = [newest]
+        while True:
+            path = os.path.join(self.state_dir, snapshot.snapshot_name(chain[-1]))
+            if not os.path.exists(path):
+                raise IntegrityError(f"snapshot chain is broken: {path} is missing; {RECOVER_HINT}")
+            _, meta = snapshot.read_meta(path, keys)
+            if meta["parent"] is None:
+                return chain[::-1]
+            if not isinstance(meta["parent"], int) or meta["parent"] >= chain[-1]:
+                raise IntegrityError(f"{path}: impossible parent generation")
+            chain.append(meta["parent"])
+
+    def _check_snapshot(self, path: str, header: Header, meta: dict[str, Any], gen: int, base: int, index: int) -> None:
+        if header.generation != gen:
+            raise IntegrityError(f"{path}: the file says generation {header.generation}, its name says {gen}; {RECOVER_HINT}")
+        if index and meta["base"] != base:
+            raise IntegrityError(f"{path}: a delta of base {meta['base']} found on base {base}; {RECOVER_HINT}")
+
+    def _apply_snapshot(self, data: snapshot.SnapshotData) -> None:
+        self._table.update(data.sessions)
+        for phone in data.tombstones:
+            self._table.pop(phone, None)
+        self._claims = data.claims
+
+    def _start_writing(self) -> None:
+        atomicfile.remove_stale_temps(self.state_dir)
+        atomicfile.remove_stale_temps(atomicfile.ensure_subdir(self.state_dir, backups.DIRNAME))
+        for read in self._replayed:  # what we replayed (maybe only in the page cache after a SIGKILL) is built upon
+            fd = os.open(read.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._journal = self._new_journal(self._next_segment, self.lsn + 1)
+
+    def _new_journal(self, segment: int, first_lsn: int) -> journal.Journal:
+        def primary() -> tuple[str, bytes]:
+            key = self.keyring.primary
+            return key.id, key.key
+
+        return journal.Journal(self.state_dir, segment, first_lsn, primary, lambda: iso_utc(self.clock()))
+
+    # ---- applying changes (live and replay share one path) ----
+
+    def _replay(self, payload: bytes, lsn: int, path: str) -> None:
+        try:
+            op = orjson.loads(payload)
+            self._apply(op)
+        except (orjson.JSONDecodeError, KeyError, TypeError, InputError) as exc:
+            raise IntegrityError(f"{path}: record lsn {lsn} is not a change this version understands ({exc})") from None
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "message":
+            phone = op["phone"]
+            session = self._hot_session(phone, op["ts"])
+            sessions.append_message(session, op["role"], op["content"], op["ts"], self.options.max_messages)
+            self._changed.add(phone)
+        elif kind == "purge":
+            self._table.pop(op["phone"], None)
+            self._hot.discard(op["phone"])
+            self._changed.add(op["phone"])
+        elif kind == "claim":
+            self._claims[op["id"]] = op["ts"]
+        else:
+            raise KeyError(f"unknown op {kind!r}")
+
+    def _hot_session(self, phone: str, ts: int) -> sessions.Session:
+        value = self._table.get(phone)
+        if isinstance(value, dict):
+            return value
+        session = sessions.new_session(ts) if value is None else sessions.decode(value)
+        self._table[phone] = session
+        self._hot.add(phone)
+        return session
+
+    def _record(self, op: dict[str, Any]) -> int:
+        if self.degraded:
+            raise StoreUnavailable(f"the store is degraded ({self.degraded}); changes are refused until it recovers")
+        if self._journal is None:
+            raise NataliaError("the store is open read-only")
+        lsn = self._journal.append(orjson.dumps(op))
+        self._apply(op)
+        self.lsn = lsn
+        return lsn
+
+    # ---- the change interface ----
+
+    def add_message(self, phone: str, role: str, content: str, timestamp: int) -> int:
+        """Append one message to a phone's session (created if new); returns the record's lsn."""
+        sessions.check_phone(phone)
+        if role not in sessions.ROLES or not isinstance(content, str) or type(timestamp) is not int:
+            raise InputError("a message needs role user|assistant, text content and an integer timestamp")
+        return self._record({"op": "message", "phone": phone, "role": role, "content": content, "ts": timestamp})
+
+    def claim(self, message_id: str, timestamp: int) -> int | None:
+        """Claim a message id (dedup): the lsn of the claim, or None if it was claimed already."""
+        if message_id in self._claims:
+            return None
+        return self._record({"op": "claim", "id": message_id, "ts": timestamp})
+
+    def is_claimed(self, message_id: str) -> bool:
+        return message_id in self._claims
+
+    def purge(self, phone: str) -> int | None:
+        if phone not in self._table:
+            return None
+        return self._record({"op": "purge", "phone": phone})
+
+    def purge_inactive(self, max_idle_ms: int, now: int | None = None) -> list[str]:
+        """Remove sessions inactive longer than `max_idle_ms`; returns the phones removed (call flush/wait after)."""
+        now = self.clock() if now is None else now
+        idle = [p for p in list(self._table) if sessions.is_inactive(self._session_view(p), now, max_idle_ms)]
+        for phone in idle:
+            self.purge(phone)
+        return idle
+
+    def import_sessions(self, pairs: list[tuple[str, sessions.Session]]) -> None:
+        """Add whole sessions (legacy import) in one atomic step: a new base snapshot holds them or nothing does."""
+        clash = [p for p, _ in pairs if p in self._table]
+        if clash:
+            raise InputError(f"{len(clash)} of the imported phones already have a session in the store; nothing imported")
+        for phone, session in pairs:
+            self._table[phone] = sessions.encode(session)
+            self._changed.add(phone)
+        self.snapshot(full=True)
+
+    # ---- durability ----
+
+    def flush(self) -> None:
+        """Make every change so far durable (synchronous; the daemon uses wait_durable)."""
+        assert self._journal is not None
+        try:
+            self._journal.flush()
+        except StoreUnavailable as exc:
+            self._degrade(str(exc))
+            raise
+
+    async def wait_durable(self, lsn: int) -> None:
+        """Return once the record `lsn` (and every one before it) is sealed and fsynced."""
+        await self._group_committer().wait(lsn)
+
+    def _group_committer(self) -> journal.GroupCommitter:
+        assert self._journal is not None
+        if self._committer is None:
+            self._committer = journal.GroupCommitter(
+                self._journal, self.options.durability, self.options.interval_ms, lambda exc: self._degrade(str(exc))
+            )
+        self._committer.journal = self._journal
+        return self._committer
+
+    def _degrade(self, reason: str) -> None:
+        self.degraded = self.degraded or reason
+
+    # ---- snapshots ----
+
+    def _encode_hot(self, limit: int | None = None) -> int:
+        """Turn hot sessions back into bytes (all, or at most `limit`); returns how many are left hot."""
+        for phone in list(self._hot)[:limit]:
+            value = self._table[phone]
+            assert isinstance(value, dict)
+            self._table[phone] = sessions.encode(value)
+            self._hot.discard(phone)
+        return len(self._hot)
+
+    def _expire_claims(self) -> None:
+        horizon = self.clock() - self.options.claim_ttl_ms
+        self._claims = {k: t for k, t in self._claims.items() if t >= horizon}
+
+    def _cut(self, full: bool) -> _Plan:
+        assert self._journal is not None
+        self._encode_hot()
+        self._expire_claims()
+        full = (
+            full
+            or self._base_generation is None
+            or bool(self.degraded)
+            or self._deltas >= self.options.max_deltas
+            or self._delta_bytes >= self._base_bytes * self.options.delta_ratio
+        )
+        lsn = self._journal.last_lsn
+        if self.degraded:  # the failed journal is abandoned, never trusted again (fsyncgate)
+            self._journal.close()
+            self._journal = self._new_journal(self._journal.segment + 1, lsn + 1)
+            segment = self._journal.segment
+        else:
+            segment = self._journal.rotate()
+        changed, self._changed = self._changed, set()
+        table: dict[str, bytes] = self._table  # type: ignore[assignment]  # every value is bytes after _encode_hot
+        if full:
+            items, tombstones = list(table.items()), []
+        else:
+            items = [(p, table[p]) for p in changed if p in table]
+            tombstones = [p for p in changed if p not in table]
+        meta = {
+            "lsn": lsn,
+            "segment": segment,
+            "base": None if full else self._base_generation,
+            "parent": None if full else self.generation,
+            "sessions": len(items),
+            "tombstones": len(tombstones),
+        }
+        primary = self.keyring.primary
+        return _Plan(
+            self.generation + 1, full, meta, dict(self._claims), items, tombstones, changed, primary.id, primary.key, bool(self.degraded)
+        )
+
+    def _write(self, plan: _Plan) -> int:
+        header = Header(kind="snapshot", kid=plan.kid, generation=plan.generation, created=iso_utc(self.clock()), chunk=self.options.chunk)
+        pieces = snapshot.payload_pieces(plan.meta, plan.claims, plan.sessions, plan.tombstones)
+        return snapshot.write_file(os.path.join(self.state_dir, snapshot.snapshot_name(plan.generation)), header, plan.key, pieces)
+
+    def _commit(self, plan: _Plan, size: int) -> None:
+        self.generation = plan.generation
+        if plan.full:
+            self._base_generation, self._base_bytes, self._delta_bytes, self._deltas = plan.generation, size, 0, 0
+        else:
+            self._delta_bytes += size
+            self._deltas += 1
+        if plan.recovering:
+            self.degraded = None
+        self.last_snapshot_ms = self.clock()
+        self._remove_obsolete(plan.meta["segment"])
+
+    def _remove_obsolete(self, first_segment: int) -> None:
+        """Drop snapshots older than the current base and journal segments the newest snapshot covers."""
+        assert self._base_generation is not None
+        removed = False
+        for name in os.listdir(self.state_dir):
+            m = snapshot.NAME.match(name) or journal.SEGMENT_NAME.match(name)
+            if not m:
+                continue
+            limit = self._base_generation if name.startswith("snapshot") else first_segment
+            if int(m.group(1)) < limit:
+                os.unlink(os.path.join(self.state_dir, name))
+                removed = True
+        if removed:
+            atomicfile.fsync_dir(self.state_dir)
+
+    def _abort(self, plan: _Plan) -> None:
+        self._changed |= plan.changed  # the next snapshot carries them (memory holds their newest state)
+
+    def snapshot(self, full: bool = False) -> int:
+        """Write a snapshot now (synchronously); returns its generation. `full` forces a base."""
+        plan = self._cut(full)
+        try:
+            size = self._write(plan)
+        except BaseException:
+            self._abort(plan)
+            raise
+        self._commit(plan, size)
+        return plan.generation
+
+    async def snapshot_async(self, full: bool = False, slice_ms: float = 5.0) -> int:
+        """The daemon's snapshot: hot sessions are encoded in slices between which the loop runs, the cut is
+        short, and sealing and writing happen in a worker thread."""
+        if self._snapshot_lock is None:
+            self._snapshot_lock = asyncio.Lock()
+            self._snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        async with self._snapshot_lock:
+            while self._hot:
+                t0 = time.perf_counter()
+                while self._hot and time.perf_counter() - t0 < slice_ms / 1000:
+                    self._encode_hot(64)
+                await asyncio.sleep(0)
+            plan = self._cut(full)
+            try:
+                size = await asyncio.get_running_loop().run_in_executor(self._snapshot_executor, self._write, plan)
+            except BaseException:
+                self._abort(plan)
+                raise
+            self._commit(plan, size)
+            return plan.generation
+
+    # ---- backups ----
+
+    def backup(self) -> str:
+        """Seal a self-contained copy of the current state into backups/; returns its path."""
+        self._encode_hot()
+        table: dict[str, bytes] = self._table  # type: ignore[assignment]
+        items = list(table.items())
+        now = self.clock()
+        meta = {"lsn": self.lsn, "segment": None, "base": None, "parent": None, "sessions": len(items), "tombstones": 0}
+        primary = self.keyring.primary
+        header = Header(kind="backup", kid=primary.id, generation=self.generation, created=iso_utc(now), chunk=self.options.chunk)
+        path = os.path.join(self.state_dir, backups.DIRNAME, backups.backup_name(now, self.generation))
+        try:
+            snapshot.write_file(path, header, primary.key, snapshot.payload_pieces(meta, dict(self._claims), items, []))
+        except FileExistsError:
+            raise NataliaError(f"{path} already exists: a backup was taken this second; try again") from None
+        return path
+
+    def list_backups(self) -> list[backups.BackupInfo]:
+        return backups.scan(os.path.join(self.state_dir, backups.DIRNAME))
+
+    def prune_backups(self, policy: backups.Retention, dry_run: bool = False) -> backups.PruneResult:
+        directory = os.path.join(self.state_dir, backups.DIRNAME)
+        result = backups.plan_prune(self.list_backups(), policy)
+        if not dry_run:
+            for info in result.remove:
+                os.unlink(os.path.join(directory, info.name))
+            if result.remove:
+                atomicfile.fsync_dir(directory)
+        return result
+
+    # ---- reads ----
+
+    def _session_view(self, phone: str) -> sessions.Session:
+        value = self._table[phone]
+        return value if isinstance(value, dict) else sessions.decode(value)
+
+    def get(self, phone: str) -> sessions.Session:
+        """A copy of one session; NotFoundError if there is none."""
+        value = self._table.get(phone)
+        if value is None:
+            raise NotFoundError("no session for that phone")
+        return sessions.decode(value if isinstance(value, bytes) else sessions.encode(value))
+
+    def phones(self) -> list[str]:
+        return list(self._table)
+
+    def items(self) -> Iterator[tuple[str, sessions.Session]]:
+        for phone in list(self._table):
+            if phone in self._table:
+                yield phone, self.get(phone)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, phone: object) -> bool:
+        return phone in self._table
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self._table),
+            "lsn": self.lsn,
+            "generation": self.generation,
+            "base_generation": self._base_generation,
+            "deltas": self._deltas,
+            "claims": len(self._claims),
+            "degraded": self.degraded,
+            "dropped_torn_tails": self.dropped_torn_tails,
+        }
+
+    # ---- closing ----
+
+    async def aclose(self) -> None:
+        """Drain the journal (everything appended becomes durable), then close."""
+        if self._committer is not None and not self.degraded:
+            await self._committer.drain()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self._journal is not None and not self.degraded and self._journal.has_pending():
+                self.flush()
+        finally:
+            if self._committer is not None:
+                self._committer.close()
+            if self._snapshot_executor is not None:
+                self._snapshot_executor.shutdown(wait=True)
+            if self._journal is not None:
+                self._journal.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
