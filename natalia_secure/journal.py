@@ -8,8 +8,10 @@ Group commit: an fsync costs ~0.14 ms here (DESIGN.md), ~7k/s one at a time, so 
 write+fsync is in flight joins the next one; callers wait for `durable_lsn` to pass their record. The write runs in
 a thread: os.write and fsync release the GIL, so the event loop keeps serving.
 
-Segments are created lazily, with their first batch, and never appended to by a later process: after a restart a
-new segment starts, so a torn tail left by a crash stays where it is (guarantee 3: nothing is repaired in place).
+Segments are created lazily, with their first batch: the head alone is written as an atomic file (temp, fsync,
+link into place, fsync dir), so a segment never has a torn head and every head that fails to parse is tampering.
+A segment is never appended to by a later process: after a restart a new one starts, so a torn tail left by a crash
+stays where it is (guarantee 3: nothing is repaired in place).
 """
 
 from __future__ import annotations
@@ -116,19 +118,15 @@ class Journal:
             while j < len(batch.items) and batch.items[j][0] is seg:
                 j += 1
             data = b"".join(rec for _, rec in batch.items[i:j])
-            created = seg.fd is None
-            if created:
-                fd, _ = _create_segment_file(seg.path)
-                seg.fd = fd
-                data = seg.head_bytes + data  # one write: a crash leaves a prefix of head+records, never a hole
             try:
-                atomicfile.write_all(seg.fd, data)  # type: ignore[arg-type]
-                os.fsync(seg.fd)  # type: ignore[arg-type]
+                if seg.fd is None:
+                    atomicfile.write_atomic(seg.path, [seg.head_bytes], overwrite=False)
+                    seg.fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+                atomicfile.write_all(seg.fd, data)
+                os.fsync(seg.fd)
             except OSError as exc:
                 exc.filename = exc.filename or seg.path
                 raise
-            if created:
-                atomicfile.fsync_dir(self._dir)
             if seg is not self._current and seg.fd is not None:
                 os.close(seg.fd)
                 seg.fd = None
@@ -151,37 +149,21 @@ class Journal:
             self._current.fd = None
 
 
-def _create_segment_file(path: str) -> tuple[int, str]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, atomicfile.FILE_MODE)
-    try:
-        os.fchmod(fd, atomicfile.FILE_MODE)
-        directory = os.path.dirname(path)
-        st = os.stat(directory)
-        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-            os.fchown(fd, st.st_uid, st.st_gid)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, path
-
-
 @dataclass
 class SegmentRead:
     number: int
     path: str
-    first_lsn: int | None  # None: the head itself was torn (a crash while the segment was being created)
+    first_lsn: int
     payloads: list[bytes]
     torn: bool
 
 
 def read_segment(path: str, number: int, keys: dict[str, bytes]) -> SegmentRead:
-    """Authenticate a whole segment. A torn tail (or a torn head: the file was being created) is reported, not an error."""
+    """Authenticate a whole segment. A torn tail is reported, not an error; anything else wrong is IntegrityError."""
     with open(path, "rb") as f:
         data = f.read()
     try:
         head = envelope.read_head(data, keys, kind="journal")
-    except envelope.TruncatedError:
-        return SegmentRead(number, path, None, [], torn=True)
     except EnvelopeError as exc:
         raise IntegrityError(f"{path}: {exc}") from None
     if head.header.generation != number:
@@ -190,6 +172,7 @@ def read_segment(path: str, number: int, keys: dict[str, bytes]) -> SegmentRead:
         records = envelope.open_records(data, head)
     except EnvelopeError as exc:
         raise IntegrityError(f"{path}: {exc}") from None
+    assert head.header.lsn is not None
     return SegmentRead(number, path, head.header.lsn, records.payloads, records.torn)
 
 

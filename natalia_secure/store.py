@@ -159,9 +159,6 @@ class Store:
                 continue  # covered by the snapshot; removed at the next snapshot
             read = journal.read_segment(os.path.join(self.state_dir, journal.segment_name(number)), number, keys)
             self._replayed.append(read)
-            if read.first_lsn is None:
-                self.dropped_torn_tails += 1
-                continue
             if read.first_lsn != expected:
                 raise IntegrityError(
                     f"{read.path}: journal gap: expected lsn {expected}, the segment starts at {read.first_lsn} "

@@ -1,0 +1,58 @@
+"""Shared fixtures: a master key and an initialised state directory, made fresh for every test (never a real key)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from natalia_secure import keyring, masterkey
+from natalia_secure.clock import iso_utc, now_ms
+from natalia_secure.masterkey import MasterKey
+from natalia_secure.store import Store, StoreOptions
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run the long trials (crash loops, big sizes)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long run: use --long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def master_key_file(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "master.key")
+    masterkey.create_key_file(path)
+    return path
+
+
+@pytest.fixture
+def master(master_key_file: str) -> MasterKey:
+    return masterkey.read_key_file(master_key_file)
+
+
+@pytest.fixture
+def state_dir(tmp_path, master: MasterKey) -> str:  # type: ignore[no-untyped-def]
+    """An initialised state directory (0700, keyring sealed by `master`), as `keys init` leaves it."""
+    path = str(tmp_path / "state")
+    os.mkdir(path, 0o700)
+    os.chmod(path, 0o700)
+    now = now_ms()
+    keyring.save(path, keyring.Keyring.new(iso_utc(now)), master, now)
+    return path
+
+
+@pytest.fixture
+def store(state_dir: str, master: MasterKey) -> Iterator[Store]:
+    s = Store.open(state_dir, master, StoreOptions(chunk=4096))
+    yield s
+    s.close()
