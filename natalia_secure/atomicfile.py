@@ -142,9 +142,7 @@ def ensure_private_dir(path: str, *, create: bool = True) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory")
     if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}"
-        )
+        raise ConfigError(f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}")
     if st.st_uid not in (os.geteuid(), 0):
         raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()}) or root")
 

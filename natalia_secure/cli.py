@@ -18,7 +18,7 @@ import orjson
 from . import __version__, keyring, masterkey, sessions
 from .atomicfile import ensure_private_dir
 from .clock import iso_utc, now_ms
-from .errors import ConfigError, NataliaError, NotFoundError, UsageError
+from .errors import ConfigError, IntegrityError, NataliaError, NotFoundError, UsageError
 from .lock import StoreLock
 from .store import Store, StoreOptions
 from .verify import verify_state_dir
@@ -32,9 +32,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--state-dir", default=default, metavar="DIR", help=f"state directory (env NATALIA_STATE_DIR, default {DEFAULT_STATE_DIR})")
-    parser.add_argument("--master-key", default=default, metavar="FILE", help="master key file (env NATALIA_MASTER_KEY_FILE, or $CREDENTIALS_DIRECTORY/master-key)")
-    parser.add_argument("--wait", type=float, default=default, metavar="SECONDS", help="wait this long for the store lock (default: fail at once)")
+    parser.add_argument(
+        "--state-dir",
+        default=default,
+        metavar="DIR",
+        help=f"state directory (env NATALIA_STATE_DIR, default {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--master-key",
+        default=default,
+        metavar="FILE",
+        help="master key file (env NATALIA_MASTER_KEY_FILE, or $CREDENTIALS_DIRECTORY/master-key)",
+    )
+    parser.add_argument(
+        "--wait", type=float, default=default, metavar="SECONDS", help="wait this long for the store lock (default: fail at once)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +150,9 @@ def cmd_list(ctx: Context, out: TextIO) -> int:
         return 0
     out.write(f"{'PHONE':<20} {'MESSAGES':>8}  {'FIRST (UTC)':<20}  {'LAST (UTC)':<20}\n")
     for r in rows:
-        out.write(f"{r['phone']:<20} {r['messages']:>8}  {iso_utc(r['firstInteraction']):<20}  {iso_utc(r['lastActivity']):<20}\n")
+        out.write(
+            f"{r['phone']:<20} {r['messages']:>8}  {iso_utc(r['firstInteraction']):<20}  {iso_utc(r['lastActivity']):<20}\n"
+        )
     out.write(f"{len(rows)} sessions, {sum(r['messages'] for r in rows)} messages\n")
     return 0
 
@@ -155,7 +169,8 @@ def cmd_show(ctx: Context, out: TextIO) -> int:
     if ctx.args.json:
         _print_json({"phone": phone, **session}, out)
         return 0
-    out.write(f"{phone}: {len(session['messages'])} messages, first {iso_utc(session['firstInteraction'])}, last {iso_utc(session['lastActivity'])}\n")
+    first, last = iso_utc(session["firstInteraction"]), iso_utc(session["lastActivity"])
+    out.write(f"{phone}: {len(session['messages'])} messages, first {first}, last {last}\n")
     for m in session["messages"]:
         text = m["content"].replace("\n", "\n" + " " * 32)
         out.write(f"{iso_utc(m['timestamp'])}  {m['role']:<9}  {text}\n")
@@ -170,9 +185,10 @@ def cmd_verify(ctx: Context, out: TextIO) -> int:
         for f in report.files:
             status = "ok  " if f.ok else "FAIL"
             detail = f.error if not f.ok else (f.note or "")
-            out.write(f"{status} {f.kind or '-':<8} {f.kid or '-':<16} g{f.generation if f.generation is not None else '-':<7} {f.created or '-':<20} {f.file}  {detail}\n")
+            generation = "-" if f.generation is None else f"g{f.generation:06d}"
+            out.write(f"{status} {f.kind or '-':<8} {f.kid or '-':<16} {generation:<8} {f.created or '-':<20} {f.file}  {detail}\n")
         out.write(report.summary() + "\n")
-    return 0 if report.ok else 5
+    return 0 if report.ok else IntegrityError.exit_code
 
 
 COMMANDS = {
@@ -184,7 +200,12 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None, environ: os._Environ[str] | dict[str, str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    environ: os._Environ[str] | dict[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     environ = os.environ if environ is None else environ

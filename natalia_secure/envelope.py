@@ -40,7 +40,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import EnvelopeError
 
-
 MAGIC = b"natalia-secure\n"
 FORMAT = "natalia-secure"
 VERSION = 1
@@ -223,9 +222,7 @@ def read_head(data: bytes, keys: Mapping[str, bytes], kind: str | None = None) -
 # ---- stream bodies (snapshot, backup, keyring) ----
 
 
-def seal_stream(
-    head: Head, pieces: Iterable[bytes | bytearray | memoryview], write: Callable[[memoryview], object]
-) -> int:
+def seal_stream(head: Head, pieces: Iterable[bytes | bytearray | memoryview], write: Callable[[memoryview], object]) -> int:
     """Encrypt the concatenation of `pieces` chunk by chunk, passing each sealed chunk to `write`.
 
     Buffers are reused: `write` must consume its argument before returning. Returns the plaintext length.
@@ -356,7 +353,8 @@ def open_records(data: bytes, head: Head) -> Records:
     assert head.header.lsn is not None
     aead = AESGCM(head.data_key)
     mv = memoryview(data)
-    pos, index, payloads = head.size, 0, []
+    pos, index = head.size, 0
+    payloads: list[bytes] = []
     while pos < len(data):
         rest = mv[pos:]
         if len(rest) < RECORD_HEAD.size or not any(rest):

@@ -54,7 +54,14 @@ class Batch:
 class Journal:
     """Appends sealed records; `write` makes a batch durable. One process (the lock holder) writes a journal."""
 
-    def __init__(self, state_dir: str, next_segment: int, next_lsn: int, seal_key: Callable[[], tuple[str, bytes]], created: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        next_segment: int,
+        next_lsn: int,
+        seal_key: Callable[[], tuple[str, bytes]],
+        created: Callable[[], str],
+    ) -> None:
         self._dir = state_dir
         self._seal_key = seal_key  # the keyring's primary key, asked for at each rotation (key rotation needs no restart)
         self._created = created
@@ -133,7 +140,9 @@ class Journal:
             i = j
 
     def _close_all(self, batch: Batch) -> None:
-        for seg in {id(s): s for s, _ in batch.items}.values() | {id(self._current): self._current}.values():
+        segments = {id(s): s for s, _ in batch.items}
+        segments[id(self._current)] = self._current
+        for seg in segments.values():
             if seg.fd is not None:
                 os.close(seg.fd)
                 seg.fd = None
@@ -183,7 +192,13 @@ class GroupCommitter:
     the next fsync. Policy "interval": flushes run every `interval_ms`; waiters are answered then.
     """
 
-    def __init__(self, journal: Journal, policy: str = "always", interval_ms: int = 10, on_failure: Callable[[StoreUnavailable], None] | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        policy: str = "always",
+        interval_ms: int = 10,
+        on_failure: Callable[[StoreUnavailable], None] | None = None,
+    ) -> None:
         if policy not in ("always", "interval"):
             raise ValueError(f"unknown durability policy {policy!r}")
         self.journal = journal

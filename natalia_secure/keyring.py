@@ -56,7 +56,7 @@ class Keyring:
     def rotated(self, created: str) -> Keyring:
         """A new primary key; the old primary stays enabled so existing files still open."""
         old = tuple(replace(k, status="enabled") if k.status == "primary" else k for k in self.keys)
-        return Keyring(old + (new_data_key(created, "primary"),), self.generation)
+        return Keyring((*old, new_data_key(created, "primary")), self.generation)
 
     def to_payload(self) -> bytes:
         return orjson.dumps(
@@ -67,9 +67,7 @@ class Keyring:
     def from_payload(cls, payload: bytes, generation: int) -> Keyring:
         try:
             obj = orjson.loads(payload)
-            keys = tuple(
-                DataKey(str(k["id"]), str(k["status"]), str(k["created"]), bytes.fromhex(k["key"])) for k in obj["keys"]
-            )
+            keys = tuple(DataKey(str(k["id"]), str(k["status"]), str(k["created"]), bytes.fromhex(k["key"])) for k in obj["keys"])
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"keyring payload is malformed: {exc}") from None
         if sum(k.status == "primary" for k in keys) != 1 or any(

@@ -20,7 +20,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -37,7 +37,9 @@ def snapshot_name(generation: int) -> str:
     return f"snapshot.g{generation:06d}.enc"
 
 
-def payload_pieces(meta: dict[str, Any], claims: dict[str, int], sessions: Iterable[tuple[str, bytes]], tombstones: Iterable[str]) -> Iterator[bytes]:
+def payload_pieces(
+    meta: dict[str, Any], claims: dict[str, int], sessions: Iterable[tuple[str, bytes]], tombstones: Iterable[str]
+) -> Iterator[bytes]:
     """The payload as a sequence of byte strings (session bodies are passed through, never copied here)."""
     for obj in (meta, claims):
         body = orjson.dumps(obj)
@@ -133,7 +135,7 @@ def write_file(path: str, header: envelope.Header, key: bytes, pieces: Iterable[
     return size
 
 
-def _open_head(f: io.BufferedReader, path: str, keys: dict[str, bytes], kind: str) -> envelope.Head:
+def _open_head(f: BinaryIO, path: str, keys: dict[str, bytes], kind: str) -> envelope.Head:
     start = f.read(len(envelope.MAGIC) + 2 + envelope.MAX_HEADER_LEN + envelope.WRAPPED_KEY_LEN)
     try:
         head = envelope.read_head(start, keys, kind)

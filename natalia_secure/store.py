@@ -100,7 +100,15 @@ class Store:
     # ---- opening ----
 
     @classmethod
-    def open(cls, state_dir: str, master: MasterKey, options: StoreOptions | None = None, *, readonly: bool = False, clock: Callable[[], int] = now_ms) -> Store:
+    def open(
+        cls,
+        state_dir: str,
+        master: MasterKey,
+        options: StoreOptions | None = None,
+        *,
+        readonly: bool = False,
+        clock: Callable[[], int] = now_ms,
+    ) -> Store:
         """Open for writing (takes the lock, removes stale temps) or read-only (no lock, writes nothing)."""
         options = options or StoreOptions()
         atomicfile.ensure_private_dir(state_dir, create=False)
@@ -378,13 +386,26 @@ class Store:
         }
         primary = self.keyring.primary
         return _Plan(
-            self.generation + 1, full, meta, dict(self._claims), items, tombstones, changed, primary.id, primary.key, bool(self.degraded)
+            self.generation + 1,
+            full,
+            meta,
+            dict(self._claims),
+            items,
+            tombstones,
+            changed,
+            primary.id,
+            primary.key,
+            bool(self.degraded),
         )
 
     def _write(self, plan: _Plan) -> int:
-        header = Header(kind="snapshot", kid=plan.kid, generation=plan.generation, created=iso_utc(self.clock()), chunk=self.options.chunk)
+        header = Header(
+            kind="snapshot", kid=plan.kid, generation=plan.generation, created=iso_utc(self.clock()), chunk=self.options.chunk
+        )
         pieces = snapshot.payload_pieces(plan.meta, plan.claims, plan.sessions, plan.tombstones)
-        return snapshot.write_file(os.path.join(self.state_dir, snapshot.snapshot_name(plan.generation)), header, plan.key, pieces)
+        return snapshot.write_file(
+            os.path.join(self.state_dir, snapshot.snapshot_name(plan.generation)), header, plan.key, pieces
+        )
 
     def _commit(self, plan: _Plan, size: int) -> None:
         self.generation = plan.generation

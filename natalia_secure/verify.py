@@ -68,7 +68,7 @@ def _check(path: str, rel: str, keys: dict[str, bytes] | None, kind: str) -> Fil
             read = journal.read_segment(path, int(journal.SEGMENT_NAME.match(os.path.basename(path)).group(1)), keys)  # type: ignore[union-attr]
             report.note = f"{len(read.payloads)} records" + (", torn tail dropped (never acknowledged)" if read.torn else "")
         else:
-            h, data = snapshot.read_file(path, keys, kind)
+            _, data = snapshot.read_file(path, keys, kind)
             report.note = f"{len(data.sessions)} sessions" + (f", {len(data.tombstones)} removed" if data.tombstones else "")
         report.ok = True
     except (NataliaError, OSError) as exc:
