@@ -186,7 +186,8 @@ def cmd_verify(ctx: Context, out: TextIO) -> int:
             status = "ok  " if f.ok else "FAIL"
             detail = f.error if not f.ok else (f.note or "")
             generation = "-" if f.generation is None else f"g{f.generation:06d}"
-            out.write(f"{status} {f.kind or '-':<8} {f.kid or '-':<16} {generation:<8} {f.created or '-':<20} {f.file}  {detail}\n")
+            kind, kid, created = f.kind or "-", f.kid or "-", f.created or "-"
+            out.write(f"{status} {kind:<8} {kid:<16} {generation:<8} {created:<20} {f.file}  {detail}\n")
         out.write(report.summary() + "\n")
     return 0 if report.ok else IntegrityError.exit_code
 
