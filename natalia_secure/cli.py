@@ -18,7 +18,7 @@ import orjson
 from . import __version__, keyring, masterkey, sessions
 from .atomicfile import ensure_private_dir
 from .clock import iso_utc, now_ms
-from .errors import ConfigError, IntegrityError, NataliaError, NotFoundError, UsageError
+from .errors import ConfigError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable, UsageError
 from .lock import StoreLock
 from .store import Store, StoreOptions
 from .verify import verify_state_dir
@@ -217,6 +217,10 @@ def main(
     except NataliaError as exc:
         err.write(f"natalia-secure: error: {exc}\n")
         return exc.exit_code
+    except OSError as exc:  # an I/O failure outside the store's own handling: one clear line, never a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.write(f"natalia-secure: error: {exc.strerror or exc}{where}\n")
+        return StoreUnavailable.exit_code
     except KeyboardInterrupt:
         err.write("natalia-secure: interrupted\n")
         return 130

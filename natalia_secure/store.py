@@ -38,7 +38,11 @@ from .lock import StoreLock
 from .masterkey import MasterKey
 
 DAY_MS = 86_400_000
-RECOVER_HINT = "the store refuses to open it; see `natalia-secure verify`, and `natalia-secure recover` to restore a backup"
+# Said once, by open(), after every reason a store refuses to open (guarantee 3: name the file, say how to recover).
+RECOVER_HINT = (
+    "the store refuses to open and changes nothing; run `natalia-secure verify` to see every file's state "
+    "and follow README.md, section Recovery"
+)
 
 
 @dataclass
@@ -112,18 +116,21 @@ class Store:
         """Open for writing (takes the lock, removes stale temps) or read-only (no lock, writes nothing)."""
         options = options or StoreOptions()
         atomicfile.ensure_private_dir(state_dir, create=False)
-        if readonly:
-            return cls._open_readonly(state_dir, master, options, clock)
-        lock = StoreLock.acquire(state_dir, options.lock_wait)
         try:
-            store = cls(state_dir, master, options, clock)
-            store._lock = lock
-            store._load()
-            store._start_writing()
-        except BaseException:
-            lock.release()
-            raise
-        return store
+            if readonly:
+                return cls._open_readonly(state_dir, master, options, clock)
+            lock = StoreLock.acquire(state_dir, options.lock_wait)
+            try:
+                store = cls(state_dir, master, options, clock)
+                store._lock = lock
+                store._load()
+                store._start_writing()
+            except BaseException:
+                lock.release()
+                raise
+            return store
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; {RECOVER_HINT}") from None
 
     @classmethod
     def _open_readonly(cls, state_dir: str, master: MasterKey, options: StoreOptions, clock: Callable[[], int]) -> Store:
@@ -170,7 +177,7 @@ class Store:
             if read.first_lsn != expected:
                 raise IntegrityError(
                     f"{read.path}: journal gap: expected lsn {expected}, the segment starts at {read.first_lsn} "
-                    f"(records are missing); {RECOVER_HINT}"
+                    f"(records are missing)"
                 )
             for offset, payload in enumerate(read.payloads):
                 self._replay(payload, expected + offset, read.path)
@@ -186,7 +193,7 @@ class Store:
         while True:
             path = os.path.join(self.state_dir, snapshot.snapshot_name(chain[-1]))
             if not os.path.exists(path):
-                raise IntegrityError(f"snapshot chain is broken: {path} is missing; {RECOVER_HINT}")
+                raise IntegrityError(f"snapshot chain is broken: {path} is missing")
             _, meta = snapshot.read_meta(path, keys)
             if meta["parent"] is None:
                 return chain[::-1]
@@ -196,9 +203,9 @@ class Store:
 
     def _check_snapshot(self, path: str, header: Header, meta: dict[str, Any], gen: int, base: int, index: int) -> None:
         if header.generation != gen:
-            raise IntegrityError(f"{path}: the file says generation {header.generation}, its name says {gen}; {RECOVER_HINT}")
+            raise IntegrityError(f"{path}: the file says generation {header.generation}, its name says {gen}")
         if index and meta["base"] != base:
-            raise IntegrityError(f"{path}: a delta of base {meta['base']} found on base {base}; {RECOVER_HINT}")
+            raise IntegrityError(f"{path}: a delta of base {meta['base']} found on base {base}")
 
     def _apply_snapshot(self, data: snapshot.SnapshotData) -> None:
         self._table.update(data.sessions)
