@@ -21,9 +21,10 @@ A second backend (PostgreSQL, rows sealed on the client) would implement the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,8 @@ class StoreOptions:
 class _Plan:
     """A consistent cut of the store, to be sealed into one snapshot (or backup) file."""
 
+    kind: str  # "snapshot" or "backup"
+    path: str
     generation: int
     full: bool
     meta: dict[str, Any]
@@ -392,8 +395,13 @@ class Store:
             "tombstones": len(tombstones),
         }
         primary = self.keyring.primary
+        generation = self.generation + 1
+        path = os.path.join(self.state_dir, snapshot.snapshot_name(generation))
+        recovering = bool(self.degraded)
         return _Plan(
-            self.generation + 1,
+            "snapshot",
+            path,
+            generation,
             full,
             meta,
             dict(self._claims),
@@ -402,17 +410,18 @@ class Store:
             changed,
             primary.id,
             primary.key,
-            bool(self.degraded),
+            recovering,
         )
 
     def _write(self, plan: _Plan) -> int:
-        header = Header(
-            kind="snapshot", kid=plan.kid, generation=plan.generation, created=iso_utc(self.clock()), chunk=self.options.chunk
-        )
+        """Seal and write a plan's file (any thread: it reads only the plan, whose bytes are immutable)."""
+        created = iso_utc(self.clock())
+        header = Header(kind=plan.kind, kid=plan.kid, generation=plan.generation, created=created, chunk=self.options.chunk)
         pieces = snapshot.payload_pieces(plan.meta, plan.claims, plan.sessions, plan.tombstones)
-        return snapshot.write_file(
-            os.path.join(self.state_dir, snapshot.snapshot_name(plan.generation)), header, plan.key, pieces
-        )
+        try:
+            return snapshot.write_file(plan.path, header, plan.key, pieces)
+        except FileExistsError:
+            raise NataliaError(f"{plan.path} already exists: a backup was taken this second; try again") from None
 
     def _commit(self, plan: _Plan, size: int) -> None:
         self.generation = plan.generation
@@ -424,17 +433,16 @@ class Store:
         if plan.recovering:
             self.degraded = None
         self.last_snapshot_ms = self.clock()
-        self._remove_obsolete(plan.meta["segment"])
 
-    def _remove_obsolete(self, first_segment: int) -> None:
-        """Drop snapshots older than the current base and journal segments the newest snapshot covers."""
-        assert self._base_generation is not None
+    def _remove_obsolete(self, base_generation: int, first_segment: int) -> None:
+        """Drop snapshots older than the current base and journal segments the newest snapshot covers.
+        Any thread: it touches only files no open would read again."""
         removed = False
         for name in os.listdir(self.state_dir):
             m = snapshot.NAME.match(name) or journal.SEGMENT_NAME.match(name)
             if not m:
                 continue
-            limit = self._base_generation if name.startswith("snapshot") else first_segment
+            limit = base_generation if name.startswith("snapshot") else first_segment
             if int(m.group(1)) < limit:
                 os.unlink(os.path.join(self.state_dir, name))
                 removed = True
@@ -453,12 +461,32 @@ class Store:
             self._abort(plan)
             raise
         self._commit(plan, size)
+        self._remove_obsolete(*self._obsolete_limits(plan))
         return plan.generation
 
-    async def snapshot_async(self, full: bool = False, slice_ms: float = 5.0) -> int:
+    def _obsolete_limits(self, plan: _Plan) -> tuple[int, int]:
+        assert self._base_generation is not None
+        return self._base_generation, plan.meta["segment"]
+
+    async def snapshot_async(self, full: bool = False) -> int:
         """The daemon's snapshot: hot sessions are encoded in slices between which the loop runs, the cut is
         short, and sealing and writing happen in a worker thread."""
-        if self._snapshot_lock is None:
+        async with self._background() as executor:
+            plan = self._cut(full)
+            try:
+                size = await asyncio.get_running_loop().run_in_executor(executor, self._write, plan)
+            except BaseException:
+                self._abort(plan)
+                raise
+            self._commit(plan, size)
+            # unlinking a large base frees many extents: not on the loop
+            await asyncio.get_running_loop().run_in_executor(executor, self._remove_obsolete, *self._obsolete_limits(plan))
+            return plan.generation
+
+    @contextlib.asynccontextmanager
+    async def _background(self, slice_ms: float = 5.0) -> AsyncIterator[ThreadPoolExecutor]:
+        """One snapshot or backup at a time, after encoding the hot sessions in slices that keep the loop free."""
+        if self._snapshot_lock is None or self._snapshot_executor is None:
             self._snapshot_lock = asyncio.Lock()
             self._snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         async with self._snapshot_lock:
@@ -467,32 +495,31 @@ class Store:
                 while self._hot and time.perf_counter() - t0 < slice_ms / 1000:
                     self._encode_hot(64)
                 await asyncio.sleep(0)
-            plan = self._cut(full)
-            try:
-                size = await asyncio.get_running_loop().run_in_executor(self._snapshot_executor, self._write, plan)
-            except BaseException:
-                self._abort(plan)
-                raise
-            self._commit(plan, size)
-            return plan.generation
+            yield self._snapshot_executor
 
     # ---- backups ----
 
-    def backup(self) -> str:
-        """Seal a self-contained copy of the current state into backups/; returns its path."""
+    def _backup_plan(self) -> _Plan:
         self._encode_hot()
-        table: dict[str, bytes] = self._table  # type: ignore[assignment]
+        table: dict[str, bytes] = self._table  # type: ignore[assignment]  # every value is bytes after _encode_hot
         items = list(table.items())
-        now = self.clock()
         meta = {"lsn": self.lsn, "segment": None, "base": None, "parent": None, "sessions": len(items), "tombstones": 0}
         primary = self.keyring.primary
-        header = Header(kind="backup", kid=primary.id, generation=self.generation, created=iso_utc(now), chunk=self.options.chunk)
-        path = os.path.join(self.state_dir, backups.DIRNAME, backups.backup_name(now, self.generation))
-        try:
-            snapshot.write_file(path, header, primary.key, snapshot.payload_pieces(meta, dict(self._claims), items, []))
-        except FileExistsError:
-            raise NataliaError(f"{path} already exists: a backup was taken this second; try again") from None
-        return path
+        path = os.path.join(self.state_dir, backups.DIRNAME, backups.backup_name(self.clock(), self.generation))
+        return _Plan("backup", path, self.generation, True, meta, dict(self._claims), items, [], set(), primary.id, primary.key)
+
+    def backup(self) -> str:
+        """Seal a self-contained copy of the current state into backups/; returns its path."""
+        plan = self._backup_plan()
+        self._write(plan)
+        return plan.path
+
+    async def backup_async(self) -> str:
+        """The daemon's backup: like snapshot_async, sealed and written in a worker thread."""
+        async with self._background() as executor:
+            plan = self._backup_plan()
+            await asyncio.get_running_loop().run_in_executor(executor, self._write, plan)
+            return plan.path
 
     def list_backups(self) -> list[backups.BackupInfo]:
         return backups.scan(os.path.join(self.state_dir, backups.DIRNAME))
