@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
-from .errors import ConfigError
+from .errors import ConfigError, IntegrityError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\Z")  # what create_temp makes: secrets.token_hex(6)
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -110,11 +113,28 @@ def write_atomic(
         raise
 
 
+def open_regular(path: str) -> BinaryIO:
+    """Open a file under the state directory for reading: never through a symlink, never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(f"{path} is a symbolic link; the store never follows one") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=1 << 20)
+
+
 def remove_stale_temps(directory: str) -> list[str]:
     """Remove temps a crash left behind (only names this module makes: `.NAME.HEX.tmp`)."""
     removed = []
     for entry in os.scandir(directory):
-        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+        if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)
             removed.append(entry.name)
     if removed:
@@ -143,7 +163,8 @@ def ensure_private_dir(path: str, *, create: bool = True) -> None:
         raise ConfigError(f"{path} is not a directory")
     if st.st_mode & 0o077:
         raise ConfigError(f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}")
-    if st.st_uid not in (os.geteuid(), 0):
+    # Root may administer a directory the service user owns (files it writes are chowned to that owner).
+    if os.geteuid() != 0 and st.st_uid not in (os.geteuid(), 0):
         raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()}) or root")
 
 

@@ -90,7 +90,14 @@ class Context:
         self.options = StoreOptions(lock_wait=wait)
 
     def master(self) -> masterkey.MasterKey:
-        return masterkey.load(self.args.master_key, self.environ)
+        return masterkey.read_key_file(self.key_path(masterkey.locate(self.args.master_key, self.environ)))
+
+    def key_path(self, path: str) -> str:
+        """The master key never lives in the state directory: every copy of the data would carry its key."""
+        state = os.path.realpath(self.state_dir)
+        if os.path.commonpath([os.path.realpath(path), state]) == state:
+            raise ConfigError(f"the master key {path} is inside the state directory {self.state_dir}; keep it elsewhere")
+        return path
 
     def open(self, readonly: bool) -> Store:
         return Store.open(self.state_dir, self.master(), self.options, readonly=readonly)
@@ -101,7 +108,9 @@ def _print_json(obj: Any, out: TextIO) -> None:
 
 
 def cmd_keys_init(ctx: Context, out: TextIO) -> int:
-    path = masterkey.locate(ctx.args.master_key, {k: v for k, v in ctx.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    path = ctx.key_path(
+        masterkey.locate(ctx.args.master_key, {k: v for k, v in ctx.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    )
     if os.path.lexists(path):
         master = masterkey.read_key_file(path)
         out.write(f"master key: {path} exists, using it (id {master.kid})\n")

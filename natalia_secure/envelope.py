@@ -58,8 +58,9 @@ MAX_CHUNK = 16 << 20
 MAX_RECORD = 16 << 20  # a journal record is one change; anything larger is corruption, not a torn write
 RECORD_HEAD = struct.Struct(">II")  # ciphertext length, crc32 of the length's 4 bytes
 
-_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z")
-_KID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z", re.ASCII)  # ASCII digits only: headers stay ASCII
+_KID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z", re.ASCII)
+MAX_COUNTER = (1 << 63) - 1  # generation and lsn bound (lsn goes into the aad as u64)
 _HEADER_KEYS = {"format", "version", "alg", "kid", "kind", "generation", "created", "chunk", "lsn"}
 
 
@@ -106,15 +107,15 @@ def _check_header(h: Header) -> None:
         raise bad(f"unknown kind {h.kind!r}")
     if not isinstance(h.kid, str) or not _KID.match(h.kid):
         raise bad("malformed key id")
-    if type(h.generation) is not int or h.generation < 0:
-        raise bad("generation must be a non-negative integer")
+    if type(h.generation) is not int or not 0 <= h.generation <= MAX_COUNTER:
+        raise bad("generation must be an integer in [0, 2^63-1]")
     if not isinstance(h.created, str) or not _CREATED.match(h.created):
         raise bad("created must be YYYY-MM-DDTHH:MM:SSZ")
     if h.kind in STREAM_KINDS:
         if type(h.chunk) is not int or not MIN_CHUNK <= h.chunk <= MAX_CHUNK or h.lsn is not None:
             raise bad(f"a {h.kind} needs a chunk size in [{MIN_CHUNK}, {MAX_CHUNK}] and no lsn")
-    elif type(h.lsn) is not int or h.lsn < 1 or h.chunk is not None:
-        raise bad("a journal needs a first lsn >= 1 and no chunk size")
+    elif type(h.lsn) is not int or not 1 <= h.lsn <= MAX_COUNTER or h.chunk is not None:
+        raise bad("a journal needs a first lsn in [1, 2^63-1] and no chunk size")
 
 
 def parse_prefix(data: bytes) -> tuple[Header, int]:
@@ -134,8 +135,8 @@ def parse_prefix(data: bytes) -> tuple[Header, int]:
         raise EnvelopeError("truncated inside the header")
     try:
         obj = json.loads(data[len(MAGIC) + 2 : end])
-    except ValueError as exc:
-        raise EnvelopeError("header is not JSON") from exc
+    except (ValueError, RecursionError):  # parsed before authentication: any garbage, even deeply nested, is refused
+        raise EnvelopeError("header is not JSON") from None
     if not isinstance(obj, dict):
         raise EnvelopeError("header is not a JSON object")
     if obj.get("format") != FORMAT:
@@ -322,6 +323,8 @@ class RecordSealer:
         return self.first_lsn + self.count
 
     def seal(self, payload: bytes) -> bytes:
+        if len(payload) > MAX_RECORD:
+            raise ValueError(f"a journal record holds at most {MAX_RECORD} bytes")
         lsn = self.next_lsn
         ct = self._aead.encrypt(_record_nonce(self.count), payload, self._prefix + lsn.to_bytes(8, "big"))
         self.count += 1

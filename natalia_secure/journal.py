@@ -40,7 +40,8 @@ class Segment:
     path: str
     sealer: envelope.RecordSealer
     head_bytes: bytes = field(repr=False)
-    fd: int | None = None
+    created: bool = False  # the file exists (its head is durable)
+    fd: int | None = None  # open for appending; only the writing thread touches it
 
 
 @dataclass
@@ -49,10 +50,16 @@ class Batch:
 
     items: list[tuple[Segment, bytes]]
     last_lsn: int
+    seq: int  # batches are written strictly in the order they were taken
 
 
 class Journal:
-    """Appends sealed records; `write` makes a batch durable. One process (the lock holder) writes a journal."""
+    """Appends sealed records; `write` makes a batch durable. One process (the lock holder) writes a journal.
+
+    Threads: `append`, `rotate` and `take_pending` run on the owner's thread (the event loop); `write` runs on any
+    thread, batches strictly in the order taken (a condition variable orders them), so durable_lsn never passes a
+    record that is not on disk.
+    """
 
     def __init__(
         self,
@@ -61,14 +68,18 @@ class Journal:
         next_lsn: int,
         seal_key: Callable[[], tuple[str, bytes]],
         created: Callable[[], str],
+        durable_lsn: int | None = None,
     ) -> None:
         self._dir = state_dir
         self._seal_key = seal_key  # the keyring's primary key, asked for at each rotation (key rotation needs no restart)
         self._created = created
         self._pending: list[tuple[Segment, bytes]] = []
-        self._write_lock = threading.Lock()
+        self._order = threading.Condition()
+        self._taken = 0
+        self._written = 0
+        self._open: list[Segment] = []
         self.last_lsn = next_lsn - 1
-        self.durable_lsn = next_lsn - 1
+        self.durable_lsn = next_lsn - 1 if durable_lsn is None else durable_lsn
         self.failure: str | None = None
         self._current = self._new_segment(next_segment, next_lsn)
 
@@ -101,21 +112,28 @@ class Journal:
 
     def take_pending(self) -> Batch:
         items, self._pending = self._pending, []
-        return Batch(items, self.last_lsn if items else self.durable_lsn)
+        self._taken += 1
+        return Batch(items, self.last_lsn if items else self.durable_lsn, self._taken)
 
     def write(self, batch: Batch) -> None:
-        """Write and fsync a batch (any thread, one at a time). On OSError the journal is degraded for good:
-        a failed fsync is never retried and trusted (fsyncgate); only a new snapshot brings the store back."""
-        with self._write_lock:
-            if self.failure:
-                raise StoreUnavailable(f"the journal is degraded ({self.failure})")
+        """Write and fsync a batch (any thread). On OSError the journal is degraded for good: a failed fsync is
+        never retried and trusted (fsyncgate); only a new snapshot, on a new journal, brings the store back."""
+        with self._order:
+            while self._written != batch.seq - 1:
+                self._order.wait()
             try:
-                self._write(batch)
-            except OSError as exc:
-                self.failure = f"{exc.strerror or exc} writing {os.path.basename(exc.filename or self._current.path)}"
-                self._close_all(batch)
-                raise StoreUnavailable(f"journal write failed: {self.failure}") from exc
-            self.durable_lsn = max(self.durable_lsn, batch.last_lsn)
+                if self.failure:
+                    raise StoreUnavailable(f"the journal is degraded ({self.failure})")
+                try:
+                    self._write(batch)
+                except OSError as exc:
+                    self.failure = f"{exc.strerror or exc} writing {os.path.basename(exc.filename or self._current.path)}"
+                    self._close_open()
+                    raise StoreUnavailable(f"journal write failed: {self.failure}") from exc
+                self.durable_lsn = max(self.durable_lsn, batch.last_lsn)
+            finally:
+                self._written = batch.seq
+                self._order.notify_all()
 
     def _write(self, batch: Batch) -> None:
         i = 0
@@ -126,36 +144,38 @@ class Journal:
                 j += 1
             data = b"".join(rec for _, rec in batch.items[i:j])
             try:
-                if seg.fd is None:
+                if not seg.created:
                     atomicfile.write_atomic(seg.path, [seg.head_bytes], overwrite=False)
+                    seg.created = True
+                if seg.fd is None:
                     seg.fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    self._open.append(seg)
                 atomicfile.write_all(seg.fd, data)
                 os.fsync(seg.fd)
             except OSError as exc:
                 exc.filename = exc.filename or seg.path
                 raise
-            if seg is not self._current and seg.fd is not None:
-                os.close(seg.fd)
-                seg.fd = None
             i = j
+        # Keep open only the segment the newest record went to: records never go back to an older segment, so
+        # every other descriptor is finished (one per rotation would otherwise leak).
+        if batch.items:
+            self._close_open(keep=batch.items[-1][0])
 
-    def _close_all(self, batch: Batch) -> None:
-        segments = {id(s): s for s, _ in batch.items}
-        segments[id(self._current)] = self._current
-        for seg in segments.values():
-            if seg.fd is not None:
+    def _close_open(self, keep: Segment | None = None) -> None:
+        for seg in self._open:
+            if seg is not keep and seg.fd is not None:
                 os.close(seg.fd)
                 seg.fd = None
+        self._open = [keep] if keep is not None and keep.fd is not None else []
 
     def flush(self) -> None:
-        """Synchronous group commit for command-line use: everything appended so far becomes durable."""
+        """Synchronous group commit: everything appended so far becomes durable (ordered after batches in flight)."""
         if self._pending:
             self.write(self.take_pending())
 
     def close(self) -> None:
-        if self._current.fd is not None:
-            os.close(self._current.fd)
-            self._current.fd = None
+        with self._order:
+            self._close_open()
 
 
 @dataclass
@@ -169,7 +189,7 @@ class SegmentRead:
 
 def read_segment(path: str, number: int, keys: dict[str, bytes]) -> SegmentRead:
     """Authenticate a whole segment. A torn tail is reported, not an error; anything else wrong is IntegrityError."""
-    with open(path, "rb") as f:
+    with atomicfile.open_regular(path) as f:
         data = f.read()
     try:
         head = envelope.read_head(data, keys, kind="journal")

@@ -8,6 +8,7 @@ only this small file depends on the master key, rotating the master key rewraps 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 
@@ -65,16 +66,38 @@ class Keyring:
 
     @classmethod
     def from_payload(cls, payload: bytes, generation: int) -> Keyring:
+        """Parse and strictly validate (authenticated, yet a bug or a future version must not slip through)."""
         try:
             obj = orjson.loads(payload)
-            keys = tuple(DataKey(str(k["id"]), str(k["status"]), str(k["created"]), bytes.fromhex(k["key"])) for k in obj["keys"])
+            entries = obj["keys"]
+            keys = tuple(_parse_key(k) for k in entries)
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"keyring payload is malformed: {exc}") from None
-        if sum(k.status == "primary" for k in keys) != 1 or any(
-            k.status not in STATUSES or len(k.key) != envelope.KEY_LEN for k in keys
-        ):
-            raise IntegrityError("keyring payload is malformed: it needs exactly one primary key of 32 bytes")
+        if sum(k.status == "primary" for k in keys) != 1:
+            raise IntegrityError("keyring payload is malformed: it needs exactly one primary key")
+        if len({k.id for k in keys}) != len(keys):
+            raise IntegrityError("keyring payload is malformed: a key id appears twice")
         return cls(keys, generation)
+
+
+_KEY_ID = re.compile(r"d-[0-9a-f]{12}\Z", re.ASCII)
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z", re.ASCII)
+_HEX_KEY = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
+
+
+def _parse_key(entry: object) -> DataKey:
+    if not isinstance(entry, dict) or set(entry) != {"id", "status", "created", "key"}:
+        raise ValueError("a key entry needs exactly id, status, created, key")
+    kid, status, created, key = entry["id"], entry["status"], entry["created"], entry["key"]
+    if not (isinstance(kid, str) and _KEY_ID.match(kid)):
+        raise ValueError("malformed key id")
+    if status not in STATUSES:
+        raise ValueError("unknown key status")
+    if not (isinstance(created, str) and _CREATED.match(created)):
+        raise ValueError("malformed creation time")
+    if not (isinstance(key, str) and _HEX_KEY.match(key)):
+        raise ValueError("a key is 64 lowercase hex digits")
+    return DataKey(kid, status, created, bytes.fromhex(key))
 
 
 def new_data_key(created: str, status: str) -> DataKey:
@@ -105,7 +128,7 @@ def open_keyring(blob: bytes, master: MasterKey, source: str) -> Keyring:
 def load(state_dir: str, master: MasterKey) -> Keyring:
     path = os.path.join(state_dir, FILENAME)
     try:
-        with open(path, "rb") as f:
+        with atomicfile.open_regular(path) as f:
             blob = f.read()
     except FileNotFoundError:
         raise KeyMaterialError(f"no keyring in {state_dir} (create one with: natalia-secure keys init)") from None

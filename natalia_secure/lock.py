@@ -1,7 +1,8 @@
-"""One writer at a time: an exclusive flock(2) on `STATE_DIR/lock`.
+"""One writer at a time: an exclusive flock(2) on the state directory itself.
 
-flock is released by the kernel when the holder dies, even by SIGKILL, so a crash never leaves a stale lock.
-The lock file stays empty: nothing readable is ever written under the state directory.
+flock is released by the kernel when the holder dies, even by SIGKILL, so a crash never leaves a stale lock. The
+directory is locked rather than a file in it: a lock file could be deleted and recreated while held, letting a
+second writer in, and nothing at all needs to be written under the state directory to lock it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import time
 
 from .errors import LockHeldError
 
-LOCK_NAME = "lock"
-
 
 class StoreLock:
     def __init__(self, fd: int, path: str) -> None:
@@ -23,19 +22,17 @@ class StoreLock:
     @classmethod
     def acquire(cls, state_dir: str, wait: float = 0.0) -> StoreLock:
         """Take the lock, waiting up to `wait` seconds; LockHeldError names the way out."""
-        path = os.path.join(state_dir, LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return cls(fd, path)
+                return cls(fd, state_dir)
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise LockHeldError(
-                        f"another natalia-secure process holds {path} (the daemon, or another admin command); "
+                        f"another natalia-secure process is writing {state_dir} (the daemon, or another admin command); "
                         "stop it, or retry with --wait SECONDS"
                     ) from None
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

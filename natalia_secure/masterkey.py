@@ -45,7 +45,7 @@ def encode(key: bytes) -> bytes:
 
 
 def decode(data: bytes, source: str) -> MasterKey:
-    line = data.strip()
+    line = data.strip()  # surrounding white space (a CRLF, a missing newline) is forgiven: editors add and drop it
     if not line.startswith(PREFIX):
         raise KeyMaterialError(f"{source} is not a natalia-secure master key (expected a line starting {PREFIX.decode()})")
     try:
@@ -69,6 +69,8 @@ def read_key_file(path: str) -> MasterKey:
         st = os.fstat(fd)  # checked on the open descriptor: no window between the check and the read
         if not stat.S_ISREG(st.st_mode):
             raise KeyMaterialError(f"master key {path} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise KeyMaterialError(f"master key {path} is owned by uid {st.st_uid}, not by this user or root")
         if st.st_mode & 0o077:
             raise KeyMaterialError(
                 f"master key {path} is accessible to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
@@ -97,6 +99,7 @@ def locate(explicit: str | None, environ: dict[str, str] | os._Environ[str]) -> 
 
 
 def load(explicit: str | None, environ: dict[str, str] | os._Environ[str]) -> MasterKey:
+    """locate() then read_key_file()."""
     return read_key_file(locate(explicit, environ))
 
 

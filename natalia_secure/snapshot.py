@@ -14,7 +14,6 @@ targets need far less). Backups are bases of kind "backup". Session bodies are s
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import struct
@@ -147,7 +146,7 @@ def _open_head(f: BinaryIO, path: str, keys: dict[str, bytes], kind: str) -> env
 
 def read_meta(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tuple[envelope.Header, dict[str, Any]]:
     """Authenticate the head and read only the meta frame (the chunks it spans are authenticated)."""
-    with open(path, "rb", buffering=0) as raw, io.BufferedReader(raw, 1 << 20) as f:
+    with atomicfile.open_regular(path) as f:
         head = _open_head(f, path, keys, kind)
         try:
             return head.header, parse_meta(iter_frames(envelope.open_stream(f, head)))
@@ -157,7 +156,7 @@ def read_meta(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tupl
 
 def read_file(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tuple[envelope.Header, SnapshotData]:
     """Authenticate a whole snapshot or backup and return what it holds; IntegrityError names the file."""
-    with open(path, "rb", buffering=0) as raw, io.BufferedReader(raw, 1 << 20) as f:
+    with atomicfile.open_regular(path) as f:
         head = _open_head(f, path, keys, kind)
         try:
             return head.header, parse_payload(iter_frames(envelope.open_stream(f, head)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,7 +34,7 @@ import orjson
 
 from . import atomicfile, backups, journal, keyring, sessions, snapshot
 from .clock import iso_utc, now_ms
-from .envelope import DEFAULT_CHUNK, Header
+from .envelope import DEFAULT_CHUNK, MAX_RECORD, Header
 from .errors import InputError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable
 from .lock import StoreLock
 from .masterkey import MasterKey
@@ -86,7 +87,8 @@ class Store:
         self._table: dict[str, bytes | sessions.Session] = {}  # bytes: cold (as on disk); dict: hot (changed)
         self._hot: set[str] = set()
         self._changed: set[str] = set()  # changed or removed since the last snapshot: the next delta's content
-        self._claims: dict[str, int] = {}
+        self._claims: dict[str, int] = {}  # message id -> claimed at (ms)
+        self._claim_lsn: dict[str, int] = {}  # ids claimed by this process -> the lsn that makes the claim durable
         self.lsn = 0
         self.generation = 0  # of the newest snapshot
         self._base_generation: int | None = None
@@ -132,6 +134,8 @@ class Store:
                 lock.release()
                 raise
             return store
+        except FileNotFoundError as exc:  # the lock holder's view: a file the chain names is gone
+            raise IntegrityError(f"snapshot chain is broken: {exc.filename} is missing; {RECOVER_HINT}") from None
         except IntegrityError as exc:
             raise IntegrityError(f"{exc}; {RECOVER_HINT}") from None
 
@@ -146,7 +150,7 @@ class Store:
                 return store
             except FileNotFoundError:
                 time.sleep(0.05 * (attempt + 1))
-        raise StoreUnavailable(f"{state_dir} kept changing while it was read; try again")
+        raise FileNotFoundError(errno.ENOENT, "a file kept vanishing while the store was read", state_dir)
 
     def _load(self) -> None:
         keys = self.keyring.usable()
@@ -195,8 +199,8 @@ class Store:
         chain = [newest]
         while True:
             path = os.path.join(self.state_dir, snapshot.snapshot_name(chain[-1]))
-            if not os.path.exists(path):
-                raise IntegrityError(f"snapshot chain is broken: {path} is missing")
+            if not os.path.exists(path):  # a reader retries (the writer compacted meanwhile); open() reports it otherwise
+                raise FileNotFoundError(errno.ENOENT, "missing", path)
             _, meta = snapshot.read_meta(path, keys)
             if meta["parent"] is None:
                 return chain[::-1]
@@ -227,12 +231,12 @@ class Store:
                 os.close(fd)
         self._journal = self._new_journal(self._next_segment, self.lsn + 1)
 
-    def _new_journal(self, segment: int, first_lsn: int) -> journal.Journal:
+    def _new_journal(self, segment: int, first_lsn: int, durable_lsn: int | None = None) -> journal.Journal:
         def primary() -> tuple[str, bytes]:
             key = self.keyring.primary
             return key.id, key.key
 
-        return journal.Journal(self.state_dir, segment, first_lsn, primary, lambda: iso_utc(self.clock()))
+        return journal.Journal(self.state_dir, segment, first_lsn, primary, lambda: iso_utc(self.clock()), durable_lsn)
 
     # ---- applying changes (live and replay share one path) ----
 
@@ -250,6 +254,8 @@ class Store:
             session = self._hot_session(phone, op["ts"])
             sessions.append_message(session, op["role"], op["content"], op["ts"], self.options.max_messages)
             self._changed.add(phone)
+            if "id" in op:
+                self._claims[op["id"]] = op["ts"]
         elif kind == "purge":
             self._table.pop(op["phone"], None)
             self._hot.discard(op["phone"])
@@ -273,25 +279,60 @@ class Store:
             raise StoreUnavailable(f"the store is degraded ({self.degraded}); changes are refused until it recovers")
         if self._journal is None:
             raise NataliaError("the store is open read-only")
-        lsn = self._journal.append(orjson.dumps(op))
+        try:
+            payload = orjson.dumps(op)
+        except TypeError as exc:  # e.g. a lone surrogate: not representable in UTF-8
+            raise InputError(f"a change cannot be encoded: {exc}") from None
+        if len(payload) > MAX_RECORD:
+            raise InputError(f"a change of {len(payload)} bytes is larger than the journal's {MAX_RECORD}-byte record limit")
+        lsn = self._journal.append(payload)
         self._apply(op)
         self.lsn = lsn
         return lsn
 
     # ---- the change interface ----
 
-    def add_message(self, phone: str, role: str, content: str, timestamp: int) -> int:
-        """Append one message to a phone's session (created if new); returns the record's lsn."""
+    def add_message(self, phone: str, role: str, content: str, timestamp: int, message_id: str | None = None) -> int:
+        """Append one message to a phone's session (created if new); returns the record's lsn.
+
+        With `message_id` (WhatsApp's wamid) the message and its dedup claim are one record, durable together or
+        not at all; an id already claimed is refused (ask `claim_lsn` first)."""
         sessions.check_phone(phone)
         if role not in sessions.ROLES or not isinstance(content, str) or type(timestamp) is not int:
             raise InputError("a message needs role user|assistant, text content and an integer timestamp")
-        return self._record({"op": "message", "phone": phone, "role": role, "content": content, "ts": timestamp})
+        op: dict[str, Any] = {"op": "message", "phone": phone, "role": role, "content": content, "ts": timestamp}
+        if message_id is not None:
+            self._check_claimable(message_id)
+            op["id"] = message_id
+        lsn = self._record(op)
+        if message_id is not None:
+            self._claim_lsn[message_id] = lsn
+        return lsn
 
     def claim(self, message_id: str, timestamp: int) -> int | None:
-        """Claim a message id (dedup): the lsn of the claim, or None if it was claimed already."""
+        """Claim a message id on its own (dedup of what is not a message): the claim's lsn, or None if the id
+        was claimed already (then wait for `claim_lsn(id)` before answering the redelivery)."""
         if message_id in self._claims:
             return None
-        return self._record({"op": "claim", "id": message_id, "ts": timestamp})
+        self._check_claimable(message_id)
+        if type(timestamp) is not int:
+            raise InputError("a claim needs an integer timestamp")
+        lsn = self._record({"op": "claim", "id": message_id, "ts": timestamp})
+        self._claim_lsn[message_id] = lsn
+        return lsn
+
+    def _check_claimable(self, message_id: str) -> None:
+        if not isinstance(message_id, str) or not 0 < len(message_id) <= 512:
+            raise InputError("a message id must be a string of 1 to 512 characters")
+        if message_id in self._claims:
+            raise InputError("that message id is already claimed")
+
+    def claim_lsn(self, message_id: str) -> int | None:
+        """None if the id was never claimed; else the lsn to wait_durable on before treating a redelivery as done
+        (a duplicate that arrives while the first delivery is still being made durable must not be answered first)."""
+        if message_id not in self._claims:
+            return None
+        return self._claim_lsn.get(message_id, 0)
 
     def is_claimed(self, message_id: str) -> bool:
         return message_id in self._claims
@@ -302,7 +343,8 @@ class Store:
         return self._record({"op": "purge", "phone": phone})
 
     def purge_inactive(self, max_idle_ms: int, now: int | None = None) -> list[str]:
-        """Remove sessions inactive longer than `max_idle_ms`; returns the phones removed (call flush/wait after)."""
+        """Remove sessions inactive longer than `max_idle_ms`; returns the phones removed (make them durable after
+        with flush(), or wait_durable(store.lsn))."""
         now = self.clock() if now is None else now
         idle = [p for p in list(self._table) if sessions.is_inactive(self._session_view(p), now, max_idle_ms)]
         for phone in idle:
@@ -331,7 +373,13 @@ class Store:
             raise
 
     async def wait_durable(self, lsn: int) -> None:
-        """Return once the record `lsn` (and every one before it) is sealed and fsynced."""
+        """Return once the record `lsn` (and every one before it) is sealed and fsynced; StoreUnavailable if the
+        store is degraded and the record is not durable (it may never be)."""
+        assert self._journal is not None
+        if lsn <= self._journal.durable_lsn:
+            return
+        if self.degraded:
+            raise StoreUnavailable(f"the store is degraded ({self.degraded}); the change is not durable")
         await self._group_committer().wait(lsn)
 
     def _group_committer(self) -> journal.GroupCommitter:
@@ -360,6 +408,8 @@ class Store:
     def _expire_claims(self) -> None:
         horizon = self.clock() - self.options.claim_ttl_ms
         self._claims = {k: t for k, t in self._claims.items() if t >= horizon}
+        durable = self._journal.durable_lsn if self._journal else self.lsn
+        self._claim_lsn = {k: n for k, n in self._claim_lsn.items() if n > durable and k in self._claims}
 
     def _cut(self, full: bool) -> _Plan:
         assert self._journal is not None
@@ -374,8 +424,10 @@ class Store:
         )
         lsn = self._journal.last_lsn
         if self.degraded:  # the failed journal is abandoned, never trusted again (fsyncgate)
-            self._journal.close()
-            self._journal = self._new_journal(self._journal.segment + 1, lsn + 1)
+            old = self._journal
+            old.close()
+            # Records after old.durable_lsn live only in memory until this snapshot commits: never report them durable before.
+            self._journal = self._new_journal(old.segment + 1, lsn + 1, durable_lsn=old.durable_lsn)
             segment = self._journal.segment
         else:
             segment = self._journal.rotate()
@@ -430,7 +482,9 @@ class Store:
         else:
             self._delta_bytes += size
             self._deltas += 1
-        if plan.recovering:
+        if plan.recovering:  # the snapshot holds everything memory had at the cut: now it is durable
+            assert self._journal is not None
+            self._journal.durable_lsn = max(self._journal.durable_lsn, plan.meta["lsn"])
             self.degraded = None
         self.last_snapshot_ms = self.clock()
 
@@ -461,6 +515,12 @@ class Store:
             self._abort(plan)
             raise
         self._commit(plan, size)
+        assert self._journal is not None
+        if self._journal.durable_lsn < plan.meta["lsn"]:
+            try:
+                self.flush()
+            except StoreUnavailable:
+                return plan.generation  # the snapshot stands; old files stay until a later one can drop them
         self._remove_obsolete(*self._obsolete_limits(plan))
         return plan.generation
 
@@ -479,6 +539,12 @@ class Store:
                 self._abort(plan)
                 raise
             self._commit(plan, size)
+            # Old segments go only once every record before the cut is written: the journal thread may still be
+            # appending them, and must never find its segment unlinked under it.
+            try:
+                await self.wait_durable(plan.meta["lsn"])
+            except StoreUnavailable:
+                return plan.generation
             # unlinking a large base frees many extents: not on the loop
             await asyncio.get_running_loop().run_in_executor(executor, self._remove_obsolete, *self._obsolete_limits(plan))
             return plan.generation
@@ -583,11 +649,11 @@ class Store:
 
     def close(self) -> None:
         try:
+            if self._committer is not None:
+                self._committer.close()  # batches already handed to the journal thread are written first
             if self._journal is not None and not self.degraded and self._journal.has_pending():
                 self.flush()
         finally:
-            if self._committer is not None:
-                self._committer.close()
             if self._snapshot_executor is not None:
                 self._snapshot_executor.shutdown(wait=True)
             if self._journal is not None:
