@@ -72,7 +72,9 @@ _PERIODS: dict[str, Callable[[datetime], object]] = {
 }
 
 
-def plan_prune(backups: list[BackupInfo], policy: Retention) -> PruneResult:
+def plan_prune(backups: list[BackupInfo], policy: Retention, protect: str | None = None) -> PruneResult:
+    """Which backups the policy keeps (with the rules that keep each) and which it removes; `protect` names one
+    that is kept whatever the rules say (the newest backup known to authenticate)."""
     newest_first = sorted(backups, reverse=True)
     result = PruneResult()
     if not newest_first:
@@ -96,6 +98,8 @@ def plan_prune(backups: list[BackupInfo], policy: Retention) -> PruneResult:
         if 0 < kept < wanted and oldest.name not in reasons:
             reasons[oldest.name] = [f"{rule} (oldest)"]
     reasons.setdefault(newest_first[0].name, []).append("newest")
+    if protect is not None and any(b.name == protect for b in newest_first):
+        reasons.setdefault(protect, []).append("newest good")
     result.keep = reasons
     result.remove = [b for b in newest_first if b.name not in reasons]
     return result

@@ -351,6 +351,23 @@ class Store:
             self.purge(phone)
         return idle
 
+    async def purge_inactive_async(self, max_idle_ms: int, slice_ms: float = 5.0) -> list[str]:
+        """purge_inactive for the daemon: sessions are examined in slices between which the loop runs."""
+        now = self.clock()
+        idle: list[str] = []
+        t0 = time.perf_counter()
+        for phone in list(self._table):
+            if phone in self._table and sessions.is_inactive(self._session_view(phone), now, max_idle_ms):
+                idle.append(phone)
+            if time.perf_counter() - t0 > slice_ms / 1000:
+                await asyncio.sleep(0)
+                t0 = time.perf_counter()
+        # Re-checked now, synchronously: a message may have arrived for one of them meanwhile.
+        gone = [p for p in idle if p in self._table and sessions.is_inactive(self._session_view(p), now, max_idle_ms)]
+        for phone in gone:
+            self.purge(phone)
+        return gone
+
     def import_sessions(self, pairs: list[tuple[str, sessions.Session]]) -> None:
         """Add whole sessions (legacy import) in one atomic step: a new base snapshot holds them or nothing does."""
         clash = [p for p, _ in pairs if p in self._table]
@@ -590,9 +607,24 @@ class Store:
     def list_backups(self) -> list[backups.BackupInfo]:
         return backups.scan(os.path.join(self.state_dir, backups.DIRNAME))
 
-    def prune_backups(self, policy: backups.Retention, dry_run: bool = False) -> backups.PruneResult:
+    def newest_good_backup(self) -> backups.BackupInfo | None:
+        """The newest backup that authenticates and parses (newest first: usually one read)."""
+        keys = self.keyring.usable()
         directory = os.path.join(self.state_dir, backups.DIRNAME)
-        result = backups.plan_prune(self.list_backups(), policy)
+        for info in reversed(self.list_backups()):
+            try:
+                header, _ = snapshot.read_file(os.path.join(directory, info.name), keys, "backup")
+            except (NataliaError, OSError):
+                continue
+            if header.generation == info.generation:
+                return info
+        return None
+
+    def prune_backups(self, policy: backups.Retention, dry_run: bool = False) -> backups.PruneResult:
+        """Apply the retention policy; the newest backup that authenticates is always kept."""
+        directory = os.path.join(self.state_dir, backups.DIRNAME)
+        good = self.newest_good_backup()
+        result = backups.plan_prune(self.list_backups(), policy, protect=good.name if good else None)
         if not dry_run:
             for info in result.remove:
                 os.unlink(os.path.join(directory, info.name))
