@@ -154,7 +154,8 @@ def ensure_private_dir(path: str, *, create: bool = True) -> None:
         if not create:
             raise ConfigError(f"state directory {path} does not exist") from None
         parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+        if not os.path.isdir(parent):  # parents made here would be as open as the umask allows: the operator's call
+            raise ConfigError(f"cannot create {path}: its parent directory {parent} does not exist") from None
         os.mkdir(path, DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; chmod is not
         fsync_dir(parent)

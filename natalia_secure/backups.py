@@ -37,7 +37,11 @@ def parse_name(name: str) -> BackupInfo | None:
     m = NAME.match(name)
     if not m:
         return None
-    return BackupInfo(datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), int(m.group(2)), name)
+    try:
+        time = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:  # the right shape, an impossible date: not one of ours
+        return None
+    return BackupInfo(time, int(m.group(2)), name)
 
 
 def scan(directory: str) -> list[BackupInfo]:
@@ -95,7 +99,7 @@ def plan_prune(backups: list[BackupInfo], policy: Retention, protect: str | None
                     kept += 1
                     reasons[info.name] = [f"{rule} #{kept}"]
         oldest = newest_first[-1]
-        if 0 < kept < wanted and oldest.name not in reasons:
+        if kept < wanted and oldest.name not in reasons:  # borg's prune_split keeps the oldest then
             reasons[oldest.name] = [f"{rule} (oldest)"]
     reasons.setdefault(newest_first[0].name, []).append("newest")
     if protect is not None and any(b.name == protect for b in newest_first):

@@ -353,7 +353,8 @@ def open_records(data: bytes, head: Head) -> Records:
     dropped. A head whose CRC fails, an impossible length, or a complete record that fails authentication is
     tampering or corruption: EnvelopeError.
     """
-    assert head.header.lsn is not None
+    if head.header.lsn is None:
+        raise EnvelopeError(f"a {head.header.kind} file has no journal records")
     aead = AESGCM(head.data_key)
     mv = memoryview(data)
     pos, index = head.size, 0

@@ -116,7 +116,8 @@ def open_keyring(blob: bytes, master: MasterKey, source: str) -> Keyring:
         raise IntegrityError(f"{source}: {exc}") from None
     if header.kid != master.kid:
         raise KeyMaterialError(
-            f"{source} is sealed by master key {header.kid}, but {master.source} is master key {master.kid}: wrong master key"
+            f"{source} is sealed by master key {header.kid}, but {master.source} is master key {master.kid}: "
+            "wrong master key (or the keyring's header was altered)"
         )
     try:
         header, payload = envelope.open_sealed(blob, {master.kid: master.key}, kind="keyring")

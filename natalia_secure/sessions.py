@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -107,5 +108,44 @@ def parse_legacy(data: bytes) -> list[tuple[str, Session]]:
 
 
 def dump_legacy(pairs: Iterable[tuple[str, Session]]) -> bytes:
-    """The legacy file's exact bytes: JSON.stringify(pairs, null, 2) and Python's indent=2 agree on this data."""
-    return json.dumps([[p, s] for p, s in pairs], indent=2, ensure_ascii=False).encode()
+    """The legacy file's exact bytes, as the legacy bot's ``JSON.stringify(pairs, null, 2)`` writes them."""
+    return _js_stringify([[p, s] for p, s in pairs], "").encode()
+
+
+def _js_stringify(value: Any, indent: str) -> str:
+    """ECMA-262 JSON.stringify with a 2-space gap. Python's json.dumps(indent=2) agrees except on floats
+    (1e-07 vs 1e-7), and unknown legacy fields may hold floats."""
+    inner = indent + "  "
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = (f"{inner}{json.dumps(k, ensure_ascii=False)}: {_js_stringify(v, inner)}" for k, v in value.items())
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        return "[\n" + ",\n".join(inner + _js_stringify(v, inner) for v in value) + "\n" + indent + "]"
+    if isinstance(value, float):
+        return _js_number(value)
+    return json.dumps(value, ensure_ascii=False)  # str (same escapes as JSON.stringify), int, bool, None
+
+
+def _js_number(x: float) -> str:
+    """Number.prototype.toString (ECMA-262 Number::toString): the shortest digits, as Python's repr finds them,
+    laid out by JavaScript's rules (plain notation for exponents -6..20, else d.ddde+N)."""
+    if x == 0:
+        return "0"  # also -0, as JavaScript prints it
+    sign, digits_t, exp = Decimal(repr(x)).normalize().as_tuple()
+    assert isinstance(exp, int)
+    digits = "".join(map(str, digits_t))
+    k, n = len(digits), exp + len(digits)  # x = 0.digits * 10**n
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        mantissa = digits[0] + ("." + digits[1:] if k > 1 else "")
+        text = f"{mantissa}e{'+' if n - 1 >= 0 else '-'}{abs(n - 1)}"
+    return ("-" if sign else "") + text

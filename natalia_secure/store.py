@@ -221,6 +221,8 @@ class Store:
         self._claims = data.claims
 
     def _start_writing(self) -> None:
+        if os.statvfs(self.state_dir).f_flag & os.ST_RDONLY:  # fail at start, not at the first acknowledgement
+            raise StoreUnavailable(f"{self.state_dir}: Read-only file system; the store cannot be opened for writing")
         atomicfile.remove_stale_temps(self.state_dir)
         atomicfile.remove_stale_temps(atomicfile.ensure_subdir(self.state_dir, backups.DIRNAME))
         for read in self._replayed:  # what we replayed (maybe only in the page cache after a SIGKILL) is built upon
@@ -376,7 +378,13 @@ class Store:
         for phone, session in pairs:
             self._table[phone] = sessions.encode(session)
             self._changed.add(phone)
-        self.snapshot(full=True)
+        try:
+            self.snapshot(full=True)
+        except BaseException:  # reported as failed, so it must not be done later by the next snapshot either
+            for phone, _ in pairs:
+                self._table.pop(phone, None)
+                self._changed.discard(phone)
+            raise
 
     # ---- durability ----
 
@@ -491,6 +499,8 @@ class Store:
             return snapshot.write_file(plan.path, header, plan.key, pieces)
         except FileExistsError:
             raise NataliaError(f"{plan.path} already exists: a backup was taken this second; try again") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {plan.path}: {exc.strerror or exc}; the previous files are intact") from exc
 
     def _commit(self, plan: _Plan, size: int) -> None:
         self.generation = plan.generation
