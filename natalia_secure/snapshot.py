@@ -2,7 +2,7 @@
 
 Payload = frames, each u32be(length) || body:
     frame 0   meta JSON   {"lsn", "segment", "base", "parent", "sessions", "tombstones"}
-    frame 1   claims JSON {message id: claimed at (ms)}
+    frame 1   claims JSON {message id: claimed at (ms)}: a base's are all, a delta's those added since its parent
     then      b"S" || u16be(len(phone)) || phone || session JSON     one per session
     then      b"D" || phone                                         one per session removed (deltas only)
 

@@ -72,6 +72,7 @@ class _Plan:
     sessions: list[tuple[str, bytes]] = field(repr=False)
     tombstones: list[str]
     changed: set[str] = field(repr=False)
+    new_claims: set[str] = field(repr=False)
     kid: str
     key: bytes = field(repr=False)
     recovering: bool = False  # cut while degraded: on a new journal segment, so success ends the degraded state
@@ -88,6 +89,7 @@ class Store:
         self._hot: set[str] = set()
         self._changed: set[str] = set()  # changed or removed since the last snapshot: the next delta's content
         self._claims: dict[str, int] = {}  # message id -> claimed at (ms)
+        self._new_claims: set[str] = set()  # claimed since the last snapshot: a delta carries only these
         self._claim_lsn: dict[str, int] = {}  # ids claimed by this process -> the lsn that makes the claim durable
         self.lsn = 0
         self.generation = 0  # of the newest snapshot
@@ -218,7 +220,7 @@ class Store:
         self._table.update(data.sessions)
         for phone in data.tombstones:
             self._table.pop(phone, None)
-        self._claims = data.claims
+        self._claims.update(data.claims)  # claims only leave by expiry, which open() recomputes
 
     def _start_writing(self) -> None:
         if os.statvfs(self.state_dir).f_flag & os.ST_RDONLY:  # fail at start, not at the first acknowledgement
@@ -258,12 +260,14 @@ class Store:
             self._changed.add(phone)
             if "id" in op:
                 self._claims[op["id"]] = op["ts"]
+                self._new_claims.add(op["id"])
         elif kind == "purge":
             self._table.pop(op["phone"], None)
             self._hot.discard(op["phone"])
             self._changed.add(op["phone"])
         elif kind == "claim":
             self._claims[op["id"]] = op["ts"]
+            self._new_claims.add(op["id"])
         else:
             raise KeyError(f"unknown op {kind!r}")
 
@@ -457,6 +461,8 @@ class Store:
         else:
             segment = self._journal.rotate()
         changed, self._changed = self._changed, set()
+        new_claims, self._new_claims = self._new_claims, set()
+        claims = dict(self._claims) if full else {k: self._claims[k] for k in new_claims if k in self._claims}
         table: dict[str, bytes] = self._table  # type: ignore[assignment]  # every value is bytes after _encode_hot
         if full:
             items, tombstones = list(table.items()), []
@@ -481,10 +487,11 @@ class Store:
             generation,
             full,
             meta,
-            dict(self._claims),
+            claims,
             items,
             tombstones,
             changed,
+            new_claims,
             primary.id,
             primary.key,
             recovering,
@@ -532,6 +539,7 @@ class Store:
 
     def _abort(self, plan: _Plan) -> None:
         self._changed |= plan.changed  # the next snapshot carries them (memory holds their newest state)
+        self._new_claims |= plan.new_claims
 
     def snapshot(self, full: bool = False) -> int:
         """Write a snapshot now (synchronously); returns its generation. `full` forces a base."""
@@ -599,7 +607,8 @@ class Store:
         meta = {"lsn": self.lsn, "segment": None, "base": None, "parent": None, "sessions": len(items), "tombstones": 0}
         primary = self.keyring.primary
         path = os.path.join(self.state_dir, backups.DIRNAME, backups.backup_name(self.clock(), self.generation))
-        return _Plan("backup", path, self.generation, True, meta, dict(self._claims), items, [], set(), primary.id, primary.key)
+        claims = dict(self._claims)
+        return _Plan("backup", path, self.generation, True, meta, claims, items, [], set(), set(), primary.id, primary.key)
 
     def backup(self) -> str:
         """Seal a self-contained copy of the current state into backups/; returns its path."""

@@ -376,3 +376,21 @@ def test_a_snapshot_during_a_journal_write_fails_nothing(
     assert all(int(n[8:14]) >= first_segment for n in names(state_dir, journal.SEGMENT_NAME))
     reopened = Store.open(state_dir, master, OPTIONS, readonly=True)
     assert [m["content"] for m in reopened.get(phone(1))["messages"]] == ["batch 1", "batch 2, same segment"]
+
+
+def test_a_delta_carries_only_the_claims_added_since_its_parent(state_dir: str, master: MasterKey) -> None:
+    """Claims are written once (in the delta after they are made, and in each new base), and every claim is still
+    there after reopening through the chain."""
+    store = Store.open(state_dir, master, StoreOptions(chunk=4096, delta_ratio=1e9), clock=lambda: T0)
+    store.add_message(phone(1), "user", "a", T0, message_id="wamid.1")
+    store.claim("wamid.2", T0)
+    assert store.snapshot(full=True) == 1
+    store.add_message(phone(1), "user", "b", T0, message_id="wamid.3")
+    assert store.snapshot() == 2
+    assert store.snapshot() == 3  # nothing new
+    store.close()
+    assert read(state_dir, master, 1).claims == {"wamid.1": T0, "wamid.2": T0}
+    assert read(state_dir, master, 2).claims == {"wamid.3": T0}
+    assert read(state_dir, master, 3).claims == {}
+    reopened = Store.open(state_dir, master, OPTIONS, readonly=True, clock=lambda: T0)
+    assert all(reopened.is_claimed(f"wamid.{i}") for i in (1, 2, 3))
