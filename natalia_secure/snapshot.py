@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -29,6 +29,7 @@ from .errors import EnvelopeError, IntegrityError
 FRAME = struct.Struct(">I")
 PHONE_LEN = struct.Struct(">H")
 NAME = re.compile(r"snapshot\.g(\d{6,})\.enc\Z")
+T = TypeVar("T")
 META_KEYS = {"lsn", "segment", "base", "parent", "sessions", "tombstones"}
 
 
@@ -144,26 +145,23 @@ def _open_head(f: BinaryIO, path: str, keys: dict[str, bytes], kind: str) -> env
     return head
 
 
-def read_meta(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tuple[envelope.Header, dict[str, Any]]:
-    """Authenticate the head and read only the meta frame (the chunks it spans are authenticated)."""
+def _read(path: str, keys: dict[str, bytes], kind: str, parse: Callable[[Iterator[bytes]], T]) -> tuple[envelope.Header, T]:
     with atomicfile.open_regular(path) as f:
         head = _open_head(f, path, keys, kind)
         try:
-            return head.header, parse_meta(iter_frames(envelope.open_stream(f, head)))
-        except EnvelopeError as exc:
+            return head.header, parse(iter_frames(envelope.open_stream(f, head)))
+        except IntegrityError as exc:  # EnvelopeError included: every failure names the file
             raise IntegrityError(f"{path}: {exc}") from None
+
+
+def read_meta(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tuple[envelope.Header, dict[str, Any]]:
+    """Authenticate the head and read only the meta frame (the chunks it spans are authenticated)."""
+    return _read(path, keys, kind, parse_meta)
 
 
 def read_file(path: str, keys: dict[str, bytes], kind: str = "snapshot") -> tuple[envelope.Header, SnapshotData]:
     """Authenticate a whole snapshot or backup and return what it holds; IntegrityError names the file."""
-    with atomicfile.open_regular(path) as f:
-        head = _open_head(f, path, keys, kind)
-        try:
-            return head.header, parse_payload(iter_frames(envelope.open_stream(f, head)))
-        except EnvelopeError as exc:
-            raise IntegrityError(f"{path}: {exc}") from None
-        except IntegrityError as exc:
-            raise IntegrityError(f"{path}: {exc}") from None
+    return _read(path, keys, kind, parse_payload)
 
 
 def list_generations(state_dir: str) -> list[int]:

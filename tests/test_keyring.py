@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import stat
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,26 +16,12 @@ from natalia_secure.errors import IntegrityError, KeyMaterialError, NotFoundErro
 from natalia_secure.keyring import DataKey, Keyring
 from natalia_secure.masterkey import MasterKey
 
+from .conftest import deadline
+
 T0 = "2026-01-01T00:00:00Z"
 T1 = "2026-06-01T00:00:00Z"
 T2 = "2026-11-25T10:15:30Z"
 NOW_MS = 1_764_065_730_000  # 2025-11-25T10:15:30Z
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (TimeoutError) instead of hanging if the body blocks, e.g. opening a FIFO that has no writer."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def mk(seed: int = 0) -> MasterKey:

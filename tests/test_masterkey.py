@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import re
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +15,7 @@ from natalia_secure import masterkey
 from natalia_secure.errors import KeyMaterialError, UsageError
 from natalia_secure.masterkey import MasterKey
 
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (TimeoutError) instead of hanging if the body blocks, e.g. opening a FIFO that has no writer."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+from .conftest import deadline
 
 
 def write(path: Path, data: bytes, mode: int = 0o600) -> str:
