@@ -236,6 +236,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this VM, all CPUs (/proc/stat, proc(5)): a stall it explains is not ours."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -374,13 +381,14 @@ async def measure_stall(work: Callable[[], Awaitable[Any]], period: float = 0.00
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0.02)
     worst, ticks = 0.0, 0
+    steal = steal_seconds()
     with GcPauses() as pauses:
         t0 = time.perf_counter()
         await work()
         elapsed = time.perf_counter() - t0
         stop = True
         await task
-    return {"stall": worst, "elapsed": elapsed, "ticks": ticks, **pauses.summary()}
+    return {"stall": worst, "elapsed": elapsed, "ticks": ticks, "steal": steal_seconds() - steal, **pauses.summary()}
 
 
 async def journal_run(store: Store, data: Data, writers: int, duration: float, own: bool = False) -> dict[str, float]:
@@ -409,6 +417,7 @@ async def journal_run(store: Store, data: Data, writers: int, duration: float, o
     gc.collect()
     os.fsync = counting_fsync
     try:
+        steal = steal_seconds()
         with GcPauses() as pauses:
             t0 = time.perf_counter()
             deadline = t0 + duration
@@ -426,6 +435,7 @@ async def journal_run(store: Store, data: Data, writers: int, duration: float, o
         "per_fsync": n / max(1, fsyncs),
         "p50": latencies[n // 2],
         "p99": latencies[min(n - 1, int(n * 0.99))],
+        "steal": steal_seconds() - steal,
         **pauses.summary(),
     }
 
@@ -708,7 +718,8 @@ def print_size(res: Result, verdicts: bool) -> None:
             for st in f[key] if isinstance(f[key], list) else [f[key]]:
                 print(
                     f"    loop: {what}: longest stall {fmt_s(st['stall'])}, took {fmt_s(st['elapsed'])}, {st['ticks']} ticks; "
-                    f"gc {fmt_s(st['gc_total'])} in all, {st['gc_full']} full, longest pause {fmt_s(st['gc_longest'])}"
+                    f"gc {fmt_s(st['gc_total'])} in all, {st['gc_full']} full, longest pause {fmt_s(st['gc_longest'])}; "
+                    f"VM steal {fmt_s(st['steal'])}"
                 )
     for key, what in (("journal", "random phones"), ("journal_own", "own phone each")):
         if key in f:
@@ -717,7 +728,8 @@ def print_size(res: Result, verdicts: bool) -> None:
                 f"    journal ({what}): {j['records']:,} records in {fmt_s(j['elapsed'])} = {j['rate']:,.0f}/s; "
                 f"{j['fsyncs']:,} fsyncs, "
                 f"{j['per_fsync']:.1f} records/fsync; add+wait latency p50 {fmt_s(j['p50'])}, p99 {fmt_s(j['p99'])}; "
-                f"gc {fmt_s(j['gc_total'])} in all, {j['gc_full']} full, longest pause {fmt_s(j['gc_longest'])}"
+                f"gc {fmt_s(j['gc_total'])} in all, {j['gc_full']} full, longest pause {fmt_s(j['gc_longest'])}; "
+                f"VM steal {fmt_s(j['steal'])}"
             )
     sys.stdout.flush()
 
