@@ -487,3 +487,26 @@ StoreVersusDict.TestCase.settings = settings(
     max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_store_equals_a_dict_model = StoreVersusDict.TestCase
+
+
+def test_messages_to_a_cold_session_are_seen_at_once_and_trimmed(state_dir: str, master: MasterKey) -> None:
+    """Messages added to a session held as bytes (after a snapshot) are read back at once, trimmed to max_messages
+    in order, dropped by a purge, and written whole by the next snapshot."""
+    store = Store.open(state_dir, master, StoreOptions(chunk=4096, max_messages=3))
+    for i in range(2):
+        store.add_message("+34600000001", "user", f"old{i}", T0 + i)
+        store.add_message("+34600000002", "user", f"old{i}", T0 + i)
+    store.snapshot(full=True)  # both sessions are cold bytes now
+    for i in range(3):
+        store.add_message("+34600000001", "assistant", f"new{i}", T0 + 10 + i)
+    store.add_message("+34600000002", "user", "gone", T0 + 20)
+    store.purge("+34600000002")
+    shown = store.get("+34600000001")
+    assert [m["content"] for m in shown["messages"]] == ["new0", "new1", "new2"]
+    assert shown["lastActivity"] == T0 + 12 and shown["firstInteraction"] == T0
+    assert "+34600000002" not in store
+    store.flush()
+    store.snapshot()
+    store.close()
+    reopened = Store.open(state_dir, master, StoreOptions(chunk=4096, max_messages=3), readonly=True)
+    assert reopened.get("+34600000001") == shown and reopened.phones() == ["+34600000001"]
