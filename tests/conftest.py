@@ -46,6 +46,17 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def tree_bytes(path: str) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> content): to show that something changed nothing."""
+    found = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            p = os.path.join(root, name)
+            with open(p, "rb") as f:
+                found[os.path.relpath(p, path)] = f.read()
+    return found
+
+
 @pytest.fixture
 def master_key_file(tmp_path) -> str:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "master.key")

@@ -14,7 +14,7 @@ from natalia_secure import masterkey, sessions
 from natalia_secure.cli import main
 from natalia_secure.store import Store
 
-from .conftest import DATA
+from .conftest import DATA, tree_bytes
 
 LEGACY = os.path.join(DATA, "legacy-sessions-example.json")
 
@@ -43,16 +43,6 @@ def imported(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def tree(path: str) -> dict[str, bytes]:
-    found = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            p = os.path.join(root, name)
-            with open(p, "rb") as f:
-                found[os.path.relpath(p, path)] = f.read()
-    return found
-
-
 def test_keys_init_creates_a_private_master_key_and_keyring(env: dict[str, str]) -> None:
     """`keys init` writes a 0600 master key file and a sealed keyring in a new 0700 state directory."""
     old = os.umask(0)
@@ -72,12 +62,12 @@ def test_keys_init_twice_keeps_the_key_and_keyring(env: dict[str, str]) -> None:
     assert run(env, "keys", "init").code == 0
     with open(env["NATALIA_MASTER_KEY_FILE"], "rb") as f:
         key = f.read()
-    before = tree(env["NATALIA_STATE_DIR"])
+    before = tree_bytes(env["NATALIA_STATE_DIR"])
     result = run(env, "keys", "init")
     assert result.code == 0 and "already exists" in result.out
     with open(env["NATALIA_MASTER_KEY_FILE"], "rb") as f:
         assert f.read() == key
-    assert tree(env["NATALIA_STATE_DIR"]) == before
+    assert tree_bytes(env["NATALIA_STATE_DIR"]) == before
 
 
 def test_keys_init_refuses_a_keyring_sealed_by_another_master_key(env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +112,7 @@ def test_import_then_show_round_trips_the_legacy_file_exactly(imported: dict[str
 
 def test_nothing_readable_on_disk_after_import(imported: dict[str, str]) -> None:
     """No phone number and no message text appears in any byte under the state directory."""
-    blob = b"".join(tree(imported["NATALIA_STATE_DIR"]).values())
+    blob = b"".join(tree_bytes(imported["NATALIA_STATE_DIR"]).values())
     for phone, session in sessions.parse_legacy(open(LEGACY, "rb").read()):
         assert phone.encode() not in blob
         for m in session["messages"]:
@@ -149,10 +139,10 @@ def test_show_human_form_and_plus_prefix(imported: dict[str, str]) -> None:
 
 def test_show_writes_no_file(imported: dict[str, str]) -> None:
     """Decrypt-and-show leaves the state directory exactly as it was (stdout is the only output)."""
-    before = tree(imported["NATALIA_STATE_DIR"])
+    before = tree_bytes(imported["NATALIA_STATE_DIR"])
     assert run(imported, "show", "34698189848", "--json").code == 0
     assert run(imported, "list").code == 0
-    assert tree(imported["NATALIA_STATE_DIR"]) == before
+    assert tree_bytes(imported["NATALIA_STATE_DIR"]) == before
 
 
 def test_show_unknown_phone_is_not_found(imported: dict[str, str]) -> None:
@@ -163,10 +153,10 @@ def test_show_unknown_phone_is_not_found(imported: dict[str, str]) -> None:
 
 def test_import_twice_refuses_and_changes_nothing(imported: dict[str, str]) -> None:
     """Importing phones that already exist is refused with the input exit code; the store is unchanged."""
-    before = tree(imported["NATALIA_STATE_DIR"])
+    before = tree_bytes(imported["NATALIA_STATE_DIR"])
     result = run(imported, "import-legacy", LEGACY)
     assert result.code == 9 and "nothing imported" in result.err
-    assert tree(imported["NATALIA_STATE_DIR"]) == before
+    assert tree_bytes(imported["NATALIA_STATE_DIR"]) == before
 
 
 @pytest.mark.parametrize(
@@ -190,12 +180,12 @@ def test_import_of_a_malformed_file_is_refused_and_writes_nothing(
 ) -> None:  # type: ignore[no-untyped-def]
     """A malformed legacy file gives exit 9, a message naming the problem, and no new file in the store."""
     assert run(env, "keys", "init").code == 0
-    before = tree(env["NATALIA_STATE_DIR"])
+    before = tree_bytes(env["NATALIA_STATE_DIR"])
     bad = tmp_path / "bad.json"
     bad.write_bytes(content)
     result = run(env, "import-legacy", str(bad))
     assert result.code == 9 and needle in result.err
-    assert tree(env["NATALIA_STATE_DIR"]) == before
+    assert tree_bytes(env["NATALIA_STATE_DIR"]) == before
 
 
 def test_import_of_a_missing_file(env: dict[str, str]) -> None:

@@ -13,17 +13,9 @@ from natalia_secure.errors import IntegrityError
 from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import Store, StoreOptions
 
+from .conftest import tree_bytes
+
 OPTIONS = StoreOptions(chunk=4096)
-
-
-def files(state_dir: str) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(state_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, state_dir)] = f.read()
-    return found
 
 
 def segments(state_dir: str) -> list[str]:
@@ -68,11 +60,11 @@ def test_a_missing_middle_segment_is_a_gap_naming_the_file(state_dir: str, maste
     else is touched."""
     write_sessions(state_dir, master, [3, 3, 3])
     os.unlink(os.path.join(state_dir, "journal.000002.enc"))
-    before = files(state_dir)
+    before = tree_bytes(state_dir)
     for readonly in (False, True):
         with pytest.raises(IntegrityError, match=r"journal\.000003\.enc: journal gap: expected lsn 4"):
             Store.open(state_dir, master, OPTIONS, readonly=readonly)
-    assert files(state_dir) == before
+    assert tree_bytes(state_dir) == before
 
 
 @pytest.mark.parametrize("keep", [0, 1, 3])
@@ -83,10 +75,10 @@ def test_whole_records_cut_from_a_non_last_segment_is_a_gap(state_dir: str, mast
     first = os.path.join(state_dir, "journal.000001.enc")
     head = boundaries[0] - (boundaries[1] - boundaries[0])  # all records here have the same size
     os.truncate(first, boundaries[keep - 1] if keep else head)
-    before = files(state_dir)
+    before = tree_bytes(state_dir)
     with pytest.raises(IntegrityError, match=rf"journal\.000002\.enc: journal gap: expected lsn {keep + 1}, .* starts at 6"):
         Store.open(state_dir, master, OPTIONS)
-    assert files(state_dir) == before
+    assert tree_bytes(state_dir) == before
 
 
 def test_a_missing_first_segment_after_the_snapshot_is_a_gap(state_dir: str, master: MasterKey) -> None:
@@ -142,12 +134,12 @@ def test_after_a_torn_tail_new_records_go_to_a_new_segment(state_dir: str, maste
     boundaries = write_sessions(state_dir, master, [3])
     path = os.path.join(state_dir, "journal.000001.enc")
     os.truncate(path, boundaries[2] - 5)
-    before = files(state_dir)
+    before = tree_bytes(state_dir)
     with Store.open(state_dir, master, OPTIONS) as store:
         assert store.lsn == 2
         lsn = store.add_message("+15550009", "assistant", "after the crash", 99)
         assert lsn == 3
-    after = files(state_dir)
+    after = tree_bytes(state_dir)
     assert {k: v for k, v in after.items() if k != "journal.000002.enc"} == before
     assert "journal.000002.enc" in after
     with Store.open(state_dir, master, OPTIONS, readonly=True) as store:
@@ -161,12 +153,12 @@ def test_reopening_never_modifies_old_files(state_dir: str, master: MasterKey) -
         store.add_message("+15550001", "user", "x", 5)
         store.snapshot()
         store.add_message("+15550001", "user", "y", 6)
-    before = files(state_dir)
+    before = tree_bytes(state_dir)
     numbers = [int(re.findall(r"\d+", s)[0]) for s in segments(state_dir)]
     with Store.open(state_dir, master, OPTIONS) as store:
         store.add_message("+15550002", "user", "z", 7)
         store.flush()
-    after = files(state_dir)
+    after = tree_bytes(state_dir)
     new = set(after) - set(before)
     assert new == {journal.segment_name(max(numbers) + 1)}
     assert {k: after[k] for k in before} == before

@@ -25,6 +25,8 @@ from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import DAY_MS, Store, StoreOptions
 from natalia_secure.verify import verify_state_dir
 
+from .conftest import tree_bytes
+
 OPTIONS = StoreOptions(chunk=4096)
 T0 = 1_764_065_730_000  # 2025-11-25T10:15:30Z
 
@@ -55,16 +57,6 @@ def tree(path: str) -> dict[str, tuple[int, int, int, int]]:
             p = os.path.normpath(os.path.join(root, name))
             st_ = os.lstat(p)
             found[os.path.relpath(p, path)] = (st_.st_mode, st_.st_size, st_.st_mtime_ns, st_.st_ino)
-    return found
-
-
-def file_bytes(path: str) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(path):
-        for name in names:
-            p = os.path.join(root, name)
-            with open(p, "rb") as f:
-                found[os.path.relpath(p, path)] = f.read()
     return found
 
 
@@ -195,10 +187,10 @@ def test_import_sessions_is_atomic_and_refuses_phones_present(state_dir: str, ma
         ),
         ("+34600000003", {"messages": [], "lastActivity": T0, "firstInteraction": T0, "legacyField": [1, 2]}),
     ]
-    before = file_bytes(state_dir)
+    before = tree_bytes(state_dir)
     with pytest.raises(InputError, match="1 of the imported phones"):
         store.import_sessions([*imported, ("+34600000001", imported[1][1])])
-    assert store.phones() == ["+34600000001"] and file_bytes(state_dir) == before
+    assert store.phones() == ["+34600000001"] and tree_bytes(state_dir) == before
     store.import_sessions(imported)
     assert store.generation == 1 and store.stats()["base_generation"] == 1
     expected = contents(store)
@@ -260,10 +252,10 @@ def test_prune_backups_dry_run_removes_nothing(state_dir: str, master: MasterKey
         store.backup()
         clock.now += 3_600_000
     policy = Retention(last=2, hourly=0, daily=0, weekly=0, monthly=0)
-    before = file_bytes(state_dir)
+    before = tree_bytes(state_dir)
     plan = store.prune_backups(policy, dry_run=True)
     assert len(plan.remove) == 4 and len(plan.keep) == 2
-    assert file_bytes(state_dir) == before
+    assert tree_bytes(state_dir) == before
     done = store.prune_backups(policy)
     assert [b.name for b in done.remove] == [b.name for b in plan.remove]
     assert sorted(os.listdir(os.path.join(state_dir, "backups"))) == sorted(plan.keep)
