@@ -63,3 +63,7 @@ class InputError(NataliaError):
 
 class EnvelopeError(IntegrityError):
     """The one exception for every failure to open a sealed envelope or journal record."""
+
+
+class PayloadError(InputError):
+    """A webhook body of the right kind with the wrong shape: answered 400, nothing recorded."""

@@ -1,0 +1,210 @@
+"""The WhatsApp Cloud API webhook, as plain functions: signature check, subscription handshake, payload parsing.
+
+Pure: bytes and mappings in, values out; the Tornado handlers (web.py) only wire these to HTTP. Meta's contract:
+- GET: `hub.mode=subscribe` with our `hub.verify_token` is answered with the raw `hub.challenge`; anything else 403.
+- POST: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app secret, raw body)>`, compared in constant time; the body
+  is at most 3 MB; `{"object": "whatsapp_business_account", "entry": [{"changes": [{"field": "messages",
+  "value": {"metadata", "contacts", "messages", "statuses"}}]}]}`. Every entry, change and message is kept, in order.
+A payload of a kind we do not handle (another `object`, another `field`) is valid and ignored (200); a payload of
+the right kind with the wrong shape is a PayloadError (400), never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .errors import PayloadError
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+MAX_BODY = 3 * 1024 * 1024  # Meta's own limit for a webhook body
+OBJECT = "whatsapp_business_account"
+
+
+def signature_ok(app_secret: bytes, body: bytes, header: str | None) -> bool:
+    """True only for `sha256=<hex>` equal to HMAC-SHA256(app_secret, body), compared in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(app_secret, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, header[len("sha256=") :].strip().lower())
+
+
+def subscription_challenge(args: Mapping[str, str], verify_token: str) -> str | None:
+    """The challenge to echo for a valid subscription request, else None (the caller answers 403)."""
+    if args.get("hub.mode") != "subscribe":
+        return None
+    token = args.get("hub.verify_token")
+    if token is None or not hmac.compare_digest(token.encode(), verify_token.encode()):
+        return None
+    return args.get("hub.challenge")
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One message a customer sent: what the store keeps of it, and what the reply needs."""
+
+    id: str  # the wamid: the dedup key
+    phone: str  # the sender's WhatsApp id (wa_id), the session key
+    timestamp_ms: int
+    kind: str  # text, image, audio, ... as Meta names it
+    text: str  # the text, or a readable placeholder for what is not text
+    name: str | None = None  # contacts[].profile.name, when Meta sends it
+    phone_number_id: str | None = None  # which of our numbers received it
+
+
+@dataclass(frozen=True)
+class Status:
+    """A delivery status of a message we sent (sent, delivered, read, failed): counted, never a session."""
+
+    id: str
+    status: str
+    recipient: str
+    timestamp_ms: int
+
+
+@dataclass
+class Webhook:
+    messages: list[Inbound] = field(default_factory=list)
+    statuses: list[Status] = field(default_factory=list)
+    ignored: int = 0  # changes of kinds we do not handle
+
+
+def parse_webhook(body: bytes) -> Webhook:
+    """Parse a signed webhook body; PayloadError names the first thing wrong (by position, never by content)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise PayloadError("the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("the body is not a JSON object")
+    result = Webhook()
+    if payload.get("object") != OBJECT:
+        result.ignored += 1
+        return result
+    for i, entry in enumerate(_list(payload, "entry", "")):
+        where = f"entry[{i}]"
+        if not isinstance(entry, dict):
+            raise PayloadError(f"{where} is not an object")
+        for j, change in enumerate(_list(entry, "changes", where)):
+            at = f"{where}.changes[{j}]"
+            if not isinstance(change, dict):
+                raise PayloadError(f"{at} is not an object")
+            if change.get("field") != "messages":
+                result.ignored += 1
+                continue
+            value = change.get("value")
+            if not isinstance(value, dict):
+                raise PayloadError(f"{at}.value is not an object")
+            _parse_value(value, f"{at}.value", result)
+    return result
+
+
+def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = obj.get(key, [])
+    if not isinstance(value, list):
+        raise PayloadError(f"{where + '.' if where else ''}{key} is not an array")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise PayloadError(f"{where}.{key} must be a non-empty string")
+    return value
+
+
+def _timestamp_ms(obj: dict[str, Any], where: str) -> int:
+    """Meta sends Unix seconds as a string."""
+    value = obj.get("timestamp")
+    if isinstance(value, str) and value.isdigit() and len(value) <= 12:
+        return int(value) * 1000
+    if type(value) is int and 0 <= value < 10**12:
+        return value * 1000
+    raise PayloadError(f"{where}.timestamp must be Unix seconds")
+
+
+def _parse_value(value: dict[str, Any], where: str, result: Webhook) -> None:
+    metadata = value.get("metadata")
+    number_id = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+    names: dict[str, str] = {}
+    for k, contact in enumerate(_list(value, "contacts", where)):
+        if not isinstance(contact, dict):
+            raise PayloadError(f"{where}.contacts[{k}] is not an object")
+        profile = contact.get("profile")
+        if isinstance(contact.get("wa_id"), str) and isinstance(profile, dict) and isinstance(profile.get("name"), str):
+            names[contact["wa_id"]] = profile["name"]
+    for k, message in enumerate(_list(value, "messages", where)):
+        at = f"{where}.messages[{k}]"
+        if not isinstance(message, dict):
+            raise PayloadError(f"{at} is not an object")
+        sender = _str(message, "from", at)
+        kind = message.get("type", "unknown")
+        if not isinstance(kind, str):
+            raise PayloadError(f"{at}.type must be a string")
+        result.messages.append(
+            Inbound(
+                id=_str(message, "id", at),
+                phone=sender,
+                timestamp_ms=_timestamp_ms(message, at),
+                kind=kind,
+                text=readable_text(message, at),
+                name=names.get(sender),
+                phone_number_id=number_id if isinstance(number_id, str) else None,
+            )
+        )
+    for k, status in enumerate(_list(value, "statuses", where)):
+        at = f"{where}.statuses[{k}]"
+        if not isinstance(status, dict):
+            raise PayloadError(f"{at} is not an object")
+        result.statuses.append(
+            Status(
+                _str(status, "id", at), _str(status, "status", at), _str(status, "recipient_id", at), _timestamp_ms(status, at)
+            )
+        )
+
+
+def _part(message: dict[str, Any], kind: str) -> dict[str, Any]:
+    part = message.get(kind)
+    return part if isinstance(part, dict) else {}
+
+
+def _text_of(part: dict[str, Any], *keys: str) -> str:
+    return " — ".join(str(part[k]) for k in keys if isinstance(part.get(k), str | int | float) and str(part[k]))
+
+
+def readable_text(message: dict[str, Any], where: str = "message") -> str:
+    """What a message says, as text a person (and Claude) can read: the text itself, or a bracketed placeholder
+    that keeps captions, file names, places and button titles."""
+    kind = message.get("type")
+    part = _part(message, kind) if isinstance(kind, str) else {}
+    if kind == "text":
+        body = part.get("body")
+        if not isinstance(body, str):
+            raise PayloadError(f"{where}.text.body must be a string")
+        return body
+    if kind in ("image", "video", "document", "audio", "sticker"):
+        label = "voice message" if kind == "audio" and part.get("voice") else kind
+        detail = _text_of(part, "filename", "caption")
+        return f"[{label}: {detail}]" if detail else f"[{label}]"
+    if kind == "location":
+        place = _text_of(part, "name", "address")
+        coords = f"{part.get('latitude')}, {part.get('longitude')}" if "latitude" in part and "longitude" in part else ""
+        return "[location: " + " ".join(x for x in (place, f"({coords})" if coords else "") if x) + "]"
+    if kind == "interactive":
+        reply = part.get("button_reply") or part.get("list_reply") or part.get("nfm_reply")
+        if isinstance(reply, dict):
+            return f"[button: {_text_of(reply, 'title', 'description') or _text_of(reply, 'id')}]"
+        return "[interactive reply]"
+    if kind == "button":
+        return f"[button: {_text_of(part, 'text', 'payload')}]"
+    if kind == "reaction":
+        return f"[reaction: {_text_of(part, 'emoji')}]" if part.get("emoji") else "[reaction removed]"
+    if kind == "contacts":
+        shared = message.get("contacts")
+        return f"[contacts shared: {len(shared) if isinstance(shared, list) else 0}]"
+    return f"[{kind if isinstance(kind, str) and kind else 'unknown'} message]"
