@@ -57,6 +57,23 @@ def tree_bytes(path: str) -> dict[str, bytes]:
     return found
 
 
+def flipped_bytes(path: str) -> Iterator[tuple[int, bytes]]:
+    """borg's loop: for each byte of the file in turn, write it back with that byte's bit (i % 8) flipped and yield
+    (i, the flipped content); the original content is restored at the end."""
+    with open(path, "rb") as f:
+        good = f.read()
+    try:
+        for i in range(len(good)):
+            bad = bytearray(good)
+            bad[i] ^= 1 << (i % 8)
+            with open(path, "wb") as f:
+                f.write(bad)
+            yield i, bytes(bad)
+    finally:
+        with open(path, "wb") as f:
+            f.write(good)
+
+
 @pytest.fixture
 def master_key_file(tmp_path) -> str:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "master.key")

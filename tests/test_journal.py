@@ -13,7 +13,7 @@ from natalia_secure.errors import IntegrityError
 from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import Store, StoreOptions
 
-from .conftest import tree_bytes
+from .conftest import flipped_bytes, tree_bytes
 
 OPTIONS = StoreOptions(chunk=4096)
 
@@ -169,19 +169,11 @@ def test_a_record_tampered_anywhere_in_a_segment_is_refused(state_dir: str, mast
     taken for a torn tail, and the file is left as it was."""
     write_sessions(state_dir, master, [2])
     path = os.path.join(state_dir, "journal.000001.enc")
-    with open(path, "rb") as f:
-        good = f.read()
-    for i in range(len(good)):
-        bad = bytearray(good)
-        bad[i] ^= 0x01 << (i % 8)
-        with open(path, "wb") as f:
-            f.write(bad)
+    for _, bad in flipped_bytes(path):
         with pytest.raises(IntegrityError):
             Store.open(state_dir, master, OPTIONS, readonly=True)
         with open(path, "rb") as f:
             assert f.read() == bad
-    with open(path, "wb") as f:
-        f.write(good)
     Store.open(state_dir, master, OPTIONS)
 
 

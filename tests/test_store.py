@@ -25,7 +25,7 @@ from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import DAY_MS, Store, StoreOptions
 from natalia_secure.verify import verify_state_dir
 
-from .conftest import tree_bytes
+from .conftest import flipped_bytes, tree_bytes
 
 OPTIONS = StoreOptions(chunk=4096)
 T0 = 1_764_065_730_000  # 2025-11-25T10:15:30Z
@@ -329,13 +329,7 @@ def test_flipping_any_byte_of_a_store_file_refuses_the_open_and_keeps_the_file(
     name = small_store(state_dir, master)[kind]
     path = os.path.join(state_dir, name)
     expected = contents(Store.open(state_dir, master, readonly=True))
-    with open(path, "rb") as f:
-        good = f.read()
-    for i in range(len(good)):
-        bad = bytearray(good)
-        bad[i] ^= 1 << (i % 8)
-        with open(path, "wb") as f:
-            f.write(bad)
+    for i, bad in flipped_bytes(path):
         before = tree(state_dir)
         with pytest.raises((IntegrityError, KeyMaterialError)) as info:
             Store.open(state_dir, master, StoreOptions(chunk=64))
@@ -344,8 +338,6 @@ def test_flipping_any_byte_of_a_store_file_refuses_the_open_and_keeps_the_file(
             assert f.read() == bad
         if kind != "keyring":
             assert name in str(info.value), f"byte {i}: the error does not name the file: {info.value}"
-    with open(path, "wb") as f:
-        f.write(good)
     assert contents(Store.open(state_dir, master, StoreOptions(chunk=64))) == expected
 
 
