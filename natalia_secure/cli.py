@@ -8,6 +8,7 @@ Decrypted content goes to stdout only, never to a file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -15,15 +16,13 @@ from typing import Any, TextIO
 
 import orjson
 
-from . import __version__, keyring, masterkey, sessions
+from . import __version__, config, daemon, keyring, masterkey, sessions
 from .atomicfile import ensure_private_dir
 from .clock import iso_utc, now_ms
 from .errors import ConfigError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable, UsageError
 from .lock import StoreLock
 from .store import Store, StoreOptions
 from .verify import verify_state_dir
-
-DEFAULT_STATE_DIR = "/var/lib/natalia-secure"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,10 +32,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
+        "--config",
+        default=default,
+        metavar="FILE",
+        help=f"TOML configuration file (env NATALIA_CONFIG, default {config.DEFAULT_PATH} when present)",
+    )
+    parser.add_argument(
         "--state-dir",
         default=default,
         metavar="DIR",
-        help=f"state directory (env NATALIA_STATE_DIR, default {DEFAULT_STATE_DIR})",
+        help=f"state directory (env NATALIA_STATE_DIR, default {config.BY_NAME['state_dir'].default})",
     )
     parser.add_argument(
         "--master-key",
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="authenticate every sealed file", parents=[common])
     ver.add_argument("--json", action="store_true")
+
+    sub.add_parser("serve", help="run the daemon (the WhatsApp webhook; systemd Type=notify)", parents=[common])
     return parser
 
 
@@ -83,14 +90,17 @@ class Context:
     def __init__(self, args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> None:
         self.args = args
         self.environ = environ
-        self.state_dir = args.state_dir or environ.get("NATALIA_STATE_DIR") or DEFAULT_STATE_DIR
+        self.config_path = args.config or environ.get("NATALIA_CONFIG") or None
+        self.cfg = config.load(self.config_path, environ)
+        self.state_dir = args.state_dir or self.cfg.state_dir
+        self.explicit_key = args.master_key or self.cfg.master_key_file
         wait = args.wait if args.wait is not None else 0.0
         if wait < 0:
             raise UsageError("--wait must be >= 0")
         self.options = StoreOptions(lock_wait=wait)
 
     def master(self) -> masterkey.MasterKey:
-        return masterkey.read_key_file(self.key_path(masterkey.locate(self.args.master_key, self.environ)))
+        return masterkey.read_key_file(self.key_path(masterkey.locate(self.explicit_key, self.environ)))
 
     def key_path(self, path: str) -> str:
         """The master key never lives in the state directory: every copy of the data would carry its key."""
@@ -109,7 +119,7 @@ def _print_json(obj: Any, out: TextIO) -> None:
 
 def cmd_keys_init(ctx: Context, out: TextIO) -> int:
     path = ctx.key_path(
-        masterkey.locate(ctx.args.master_key, {k: v for k, v in ctx.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+        masterkey.locate(ctx.explicit_key, {k: v for k, v in ctx.environ.items() if k != "CREDENTIALS_DIRECTORY"})
     )
     if os.path.lexists(path):
         master = masterkey.read_key_file(path)
@@ -201,12 +211,20 @@ def cmd_verify(ctx: Context, out: TextIO) -> int:
     return 0 if report.ok else IntegrityError.exit_code
 
 
+def cmd_serve(ctx: Context, out: TextIO) -> int:
+    overrides: dict[str, Any] = {"state_dir": ctx.state_dir}
+    ctx.key_path(masterkey.locate(ctx.explicit_key, ctx.environ))
+    cfg = dataclasses.replace(ctx.cfg, **overrides)
+    return daemon.serve(cfg, ctx.config_path, ctx.environ, master_key=ctx.args.master_key, overrides=overrides)
+
+
 COMMANDS = {
     ("keys", "init"): cmd_keys_init,
     ("import-legacy", None): cmd_import_legacy,
     ("list", None): cmd_list,
     ("show", None): cmd_show,
     ("verify", None): cmd_verify,
+    ("serve", None): cmd_serve,
 }
 
 

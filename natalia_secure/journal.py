@@ -20,6 +20,7 @@ import asyncio
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -230,6 +231,7 @@ class GroupCommitter:
         self._ticker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self.fsyncs = 0
+        self.observe: Callable[[float], None] | None = None  # seconds per batch write + fsync (metrics)
 
     async def wait(self, lsn: int) -> None:
         if lsn <= self.journal.durable_lsn:
@@ -265,6 +267,7 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         while self.journal.has_pending():
             batch = self.journal.take_pending()
+            started = time.perf_counter()
             try:
                 await loop.run_in_executor(self._executor, self.journal.write, batch)
             except StoreUnavailable as exc:
@@ -276,6 +279,8 @@ class GroupCommitter:
                     self._on_failure(exc)
                 return
             self.fsyncs += 1
+            if self.observe is not None:
+                self.observe(time.perf_counter() - started)
             self._release()
         self._release()
 

@@ -13,6 +13,8 @@ Failures are logged (without personal data) and retried at the next turn; they n
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,15 +37,19 @@ class MaintenancePolicy:
 
 
 class Maintenance:
-    def __init__(self, store: Store, policy: MaintenancePolicy | None = None) -> None:
+    def __init__(
+        self, store: Store, policy: MaintenancePolicy | None = None, observe: Callable[[str, float], None] | None = None
+    ) -> None:
         self.store = store
         self.policy = policy or MaintenancePolicy()
+        self.observe = observe  # ("snapshot" | "backup", seconds): durations for metrics
         now = store.clock()
         self._last_snapshot = now
         newest = store.list_backups()
         self._last_backup: int | None = int(newest[-1].time.timestamp() * 1000) if newest else None
         self._last_purge: int | None = None
         self.failures = 0
+        self._wake = asyncio.Event()
 
     def _due(self, last: int | None, every_s: float, now: int) -> bool:
         return last is None or now - last >= every_s * 1000
@@ -66,12 +72,16 @@ class Maintenance:
                     log.info("sessions_purged", count=len(purged), inactive_days=policy.inactive_days)
                 done.append("purge")
             if self._due(self._last_snapshot, policy.snapshot_every_s, now):
+                started = time.perf_counter()
                 generation = await store.snapshot_async()
+                self._timed("snapshot", started)
                 self._last_snapshot = now
-                log.info("snapshot", generation=generation, sessions=len(store))
+                log.info("snapshot", generation=generation, sessions=len(store))  # the legacy "saved N sessions"
                 done.append("snapshot")
             if self._due(self._last_backup, policy.backup_every_s, now):
+                started = time.perf_counter()
                 path = await store.backup_async()
+                self._timed("backup", started)
                 self._last_backup = now
                 result = await asyncio.get_running_loop().run_in_executor(None, store.prune_backups, policy.retention)
                 log.info("backup", file=path.rsplit("/", 1)[-1], pruned=len(result.remove), kept=len(result.keep))
@@ -81,6 +91,10 @@ class Maintenance:
             log.error("maintenance_failed", error=str(exc), degraded=store.degraded)
             done.append("failed")
         return done
+
+    def _timed(self, what: str, started: float) -> None:
+        if self.observe is not None:
+            self.observe(what, time.perf_counter() - started)
 
     def next_wait_s(self) -> float:
         """Seconds until something may be due (bounded, so a changed clock or policy is noticed)."""
@@ -92,14 +106,22 @@ class Maintenance:
             waits.append(self.policy.backup_every_s - (now - self._last_backup) / 1000)
         return max(0.05, min([60.0, *waits]))
 
+    def wake(self) -> None:
+        """Look at once (e.g. the store just turned degraded: start recovering now, not at the next snapshot)."""
+        self._wake.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set."""
         while not stop.is_set():
             await self.run_once()
+            self._wake.clear()
+            stopped = asyncio.ensure_future(stop.wait())
+            woken = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.next_wait_s())
-            except TimeoutError:
-                pass
+                await asyncio.wait([stopped, woken], timeout=self.next_wait_s(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                woken.cancel()
 
     def status(self) -> dict[str, Any]:
         return {"last_snapshot_ms": self._last_snapshot, "last_backup_ms": self._last_backup, "failures": self.failures}

@@ -37,6 +37,11 @@ class MasterKey:
         """A stable, non-secret id: a keyed hash, so the id reveals nothing about the key."""
         return "m-" + hmac.new(self.key, b"natalia-secure master key id", hashlib.sha256).hexdigest()[:12]
 
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key for one other purpose (e.g. log pseudonyms): HMAC-SHA256 as a PRF with a distinct label
+        (NIST SP 800-108 style), so it reveals nothing about the master key or the keyring's keys."""
+        return hmac.new(self.key, b"natalia-secure derive\0" + purpose.encode(), hashlib.sha256).digest()
+
 
 def encode(key: bytes) -> bytes:
     if len(key) != KEY_LEN:

@@ -111,6 +111,8 @@ class Store:
         self.degraded: str | None = None
         self.last_snapshot_ms: int | None = None
         self.dropped_torn_tails = 0
+        self.observe_journal_write: Callable[[float], None] | None = None  # seconds per group commit (metrics)
+        self.on_degraded: Callable[[str], None] | None = None  # told once when the store turns degraded
 
     # ---- opening ----
 
@@ -432,10 +434,15 @@ class Store:
                 self._journal, self.options.durability, self.options.interval_ms, lambda exc: self._degrade(str(exc))
             )
         self._committer.journal = self._journal
+        self._committer.observe = self.observe_journal_write
         return self._committer
 
     def _degrade(self, reason: str) -> None:
-        self.degraded = self.degraded or reason
+        if self.degraded:
+            return
+        self.degraded = reason
+        if self.on_degraded is not None:
+            self.on_degraded(reason)
 
     # ---- snapshots ----
 
@@ -709,6 +716,15 @@ class Store:
             "degraded": self.degraded,
             "dropped_torn_tails": self.dropped_torn_tails,
         }
+
+    # ---- keys ----
+
+    def reload_keyring(self, master: MasterKey | None = None) -> None:
+        """Re-read keyring.enc (after a rotation, or with a new master key): files sealed from now on use its
+        primary key, and the journal picks it up at its next segment. The old keyring stays in use on failure."""
+        master = master or self.master
+        ring = keyring.load(self.state_dir, master)
+        self.master, self.keyring = master, ring
 
     # ---- closing ----
 

@@ -34,6 +34,26 @@ def signature_ok(app_secret: bytes, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(expected, header[len("sha256=") :].strip().lower())
 
 
+def sign(app_secret: bytes, body: bytes) -> str:
+    """The X-Hub-Signature-256 value Meta sends for `body` (the demo, tests and benchmarks sign their webhooks)."""
+    return "sha256=" + hmac.new(app_secret, body, hashlib.sha256).hexdigest()
+
+
+def text_webhook(messages: list[tuple[str, str, str, int]], phone_number_id: str = "100000000000001") -> bytes:
+    """A webhook body as Meta shapes it, carrying text messages given as (wamid, sender wa_id, text, unix seconds)."""
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
+        "contacts": [{"profile": {"name": "Cliente"}, "wa_id": sender} for _, sender, _, _ in messages],
+        "messages": [
+            {"from": sender, "id": wamid, "timestamp": str(ts), "type": "text", "text": {"body": text}}
+            for wamid, sender, text, ts in messages
+        ],
+    }
+    change = {"field": "messages", "value": value}
+    return orjson.dumps({"object": OBJECT, "entry": [{"id": "100000000000000", "changes": [change]}]})
+
+
 def subscription_challenge(args: Mapping[str, str], verify_token: str) -> str | None:
     """The challenge to echo for a valid subscription request, else None (the caller answers 403)."""
     if args.get("hub.mode") != "subscribe":

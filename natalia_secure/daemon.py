@@ -1,0 +1,288 @@
+"""`natalia-secure serve`: the daemon's lifecycle around the store, the webhook and systemd.
+
+Start (the order is the guarantee): open the store (snapshot chain + journal replay; a store that refuses to open
+ends the process with its documented exit code, before anything listens), listen, then READY=1. Systemd therefore
+shows "activating" until every acknowledged message is back in memory.
+
+Running: the webhook (web.py / intake.py), replies one at a time per phone (replies.py), periodic snapshots,
+backups and retention (maintenance.py), STATUS= every few seconds, WATCHDOG=1 from the event loop only while the
+store is healthy (systemd.py): a hung loop or a store that stays degraded gets the process restarted by systemd.
+
+SIGTERM / SIGINT: STOPPING=1; new webhooks get 503 (Meta retries); the POSTs in flight finish acknowledging;
+replies in progress get a few seconds; a final snapshot ("saving before shutdown", as the legacy bot logged); exit 0
+(7 if that snapshot could not be written: every acknowledged message is durable in the journal even then).
+Everything is bounded by `stop_timeout_s` (15 s by default, inside systemd's 20 s TimeoutStopSec).
+SIGHUP: RELOADING=1, re-read the configuration file, credentials and keyring (and the master key), READY=1; a bad
+configuration is logged and the old one kept. Settings that shape the process (listen, state_dir, durability,
+reply_concurrency) need a restart, and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import structlog
+import tornado.httpserver
+import tornado.netutil
+
+from . import backups, config, logs, masterkey
+from .errors import ConfigError, NataliaError
+from .intake import Intake, WebhookSecrets
+from .maintenance import Maintenance, MaintenancePolicy
+from .metrics import Metrics
+from .replies import Conversations, LogOutbox, OfflineAssistant
+from .store import Store, StoreOptions
+from .systemd import Notifier, Watchdog
+from .web import Deps, Health, make_app
+from .whatsapp import MAX_BODY
+
+log = structlog.get_logger("natalia_secure.daemon")
+
+STATUS_EVERY_S = 5.0
+PSEUDONYM_PURPOSE = "log pseudonyms"
+# Settings read once at start; a reload that changes them says a restart is needed.
+RESTART_ONLY = ("state_dir", "listen", "durability", "reply_concurrency")
+
+
+def master_key_path(cfg: config.Config, explicit: str | None, environ: Mapping[str, str]) -> str:
+    """--master-key, else NATALIA_MASTER_KEY_FILE / natalia.master_key_file, else the systemd credential."""
+    return masterkey.locate(explicit or cfg.master_key_file, dict(environ))
+
+
+def webhook_secrets(cfg: config.Config) -> WebhookSecrets:
+    cfg.require("app_secret", "verify_token", purpose="serve")
+    assert cfg.app_secret is not None and cfg.verify_token is not None
+    return WebhookSecrets(cfg.app_secret.encode(), cfg.verify_token)
+
+
+def maintenance_policy(cfg: config.Config) -> MaintenancePolicy:
+    return MaintenancePolicy(
+        snapshot_every_s=cfg.snapshot_interval_s,
+        backup_every_s=cfg.backup_interval_s,
+        retention=backups.Retention(cfg.keep_last, cfg.keep_hourly, cfg.keep_daily, cfg.keep_weekly, cfg.keep_monthly),
+        inactive_days=cfg.inactive_days or None,
+    )
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: config.Config,
+        *,
+        config_path: str | None = None,
+        master_key: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        stream: TextIO | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        webhook_secrets(cfg)  # refuse to start without them, before anything is opened
+        self.cfg = cfg
+        self.config_path = config_path
+        self.explicit_key = master_key
+        self.environ = environ if environ is not None else {}
+        self.overrides = dict(overrides or {})  # command-line options, which a reload must not undo
+        self.stream = stream or sys.stdout
+        self.notifier = Notifier()
+        self.metrics = Metrics()
+        self.stop_requested = asyncio.Event()
+        self.stopping = False
+        self.reload_error: str | None = None
+        self.address: tuple[str, int] | None = None
+
+    # ---- start ----
+
+    def _open_store(self) -> Store:
+        master = masterkey.read_key_file(master_key_path(self.cfg, self.explicit_key, self.environ))
+        store = Store.open(self.cfg.state_dir, master, StoreOptions(durability=self.cfg.durability))
+        logs.set_pseudonym_key(master.derive(PSEUDONYM_PURPOSE))
+        return store
+
+    def _listen(self, app: tornado.web.Application) -> tornado.httpserver.HTTPServer:
+        host, port = self.cfg.listen
+        try:
+            sockets = tornado.netutil.bind_sockets(port, host, family=socket.AF_UNSPEC)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        # Chunked bodies are cut at 4 MB by Tornado; our handler answers 413 from 3 MB on (web.py).
+        server = tornado.httpserver.HTTPServer(app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False)
+        server.add_sockets(sockets)
+        bound = sockets[0].getsockname()
+        self.address = (bound[0], bound[1])
+        return server
+
+    async def run(self) -> int:
+        started = time.monotonic()
+        store = self._open_store()
+        try:
+            return await self._serve(store, started)
+        finally:
+            store.close()  # idempotent after aclose(); on an error path it releases the lock
+
+    async def _serve(self, store: Store, started: float) -> int:
+        self.store = store
+        stats = store.stats()
+        log.info(
+            "sessions_loaded",  # the legacy "sessions loaded" line, with counts
+            sessions=stats["sessions"],
+            generation=stats["generation"],
+            lsn=stats["lsn"],
+            claims=stats["claims"],
+            dropped_torn_tails=stats["dropped_torn_tails"],
+            seconds=round(time.monotonic() - started, 3),
+        )
+        metrics = self.metrics
+        store.observe_journal_write = metrics.journal_write.observe
+        self.conversations = Conversations(store, OfflineAssistant(), LogOutbox(), metrics, self.cfg.reply_concurrency)
+        self.intake = Intake(store, self.conversations, metrics, webhook_secrets(self.cfg))
+        self.maintenance = Maintenance(store, maintenance_policy(self.cfg), observe=metrics.observe)
+        store.on_degraded = self._degraded
+        metrics.gauge("natalia_sessions", "Sessions in the store", lambda: len(store))
+        metrics.gauge("natalia_store_degraded", "1 while the store refuses changes", lambda: 1.0 if store.degraded else 0.0)
+        metrics.gauge("natalia_snapshot_age_seconds", "Since the last snapshot (or start)", self._snapshot_age)
+        metrics.gauge("natalia_replies_pending", "Accepted messages not yet answered", lambda: self.conversations.pending)
+
+        server = self._listen(make_app(Deps(self.intake, metrics, self.health)))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        assert self.address is not None
+        log.info("listening", host=self.address[0], port=self.address[1])
+
+        maintenance_stop = asyncio.Event()
+        maintenance = asyncio.create_task(self.maintenance.run(maintenance_stop))
+        self._tell("READY=1", f"STATUS={self.status_line()}")
+        watchdog = Watchdog(self.notifier, lambda: not store.degraded)
+        watchdog.start()
+        status = asyncio.create_task(self._status_loop())
+        try:
+            await self.stop_requested.wait()
+            return await self._shutdown(server, maintenance, maintenance_stop)
+        finally:
+            status.cancel()
+            watchdog.stop()
+            metrics.watchdog_pings.inc(watchdog.pings)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    # ---- running ----
+
+    def _degraded(self, reason: str) -> None:
+        log.error("store_degraded", reason=reason)
+        self.maintenance.wake()  # the first recovery attempt now, then every retry_s
+        self._notify_status()
+
+    def _notify_status(self) -> None:
+        self._tell(f"STATUS={self.status_line()}")
+
+    def _tell(self, *assignments: str) -> None:
+        """sd_notify, never fatal: without its socket the daemon still serves (systemd's timeouts are the judge)."""
+        try:
+            self.notifier.notify(*assignments)
+        except OSError as exc:
+            log.error("notify_failed", error=str(exc), sent=[a.split("=", 1)[0] for a in assignments])
+
+    def _snapshot_age(self) -> float:
+        last = self.store.last_snapshot_ms or self.maintenance.status()["last_snapshot_ms"]
+        return max(0.0, (self.store.clock() - last) / 1000)
+
+    def health(self) -> Health:
+        store = self.store
+        details = {"sessions": len(store), "generation": store.generation, "snapshot_age_s": round(self._snapshot_age(), 1)}
+        if self.stopping:
+            return Health(False, "stopping", "shutting down", details)
+        if store.degraded:
+            return Health(False, "degraded", f"store: {store.degraded}", details)
+        return Health(True, "ok", None, details)
+
+    def status_line(self) -> str:
+        """What `systemctl status` shows (STATUS=): one line, no personal data."""
+        store = self.store
+        if self.stopping:
+            return "stopping: finishing acknowledgements and the final snapshot"
+        if store.degraded:
+            return f"DEGRADED, answering 503 and retrying: {store.degraded}"
+        age = int(self._snapshot_age())
+        host, port = self.address or ("?", 0)
+        text = (
+            f"serving {host}:{port}: {len(store)} sessions, {self.intake.received} messages received since start, "
+            f"snapshot g{store.generation:06d} {age} s ago"
+        )
+        return f"{text}; last reload failed: {self.reload_error}" if self.reload_error else text
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            self._notify_status()
+
+    async def reload(self) -> None:
+        self._tell("RELOADING=1")
+        try:
+            new = dataclasses.replace(config.load(self.config_path, self.environ), **self.overrides)
+            master = masterkey.read_key_file(master_key_path(new, self.explicit_key, self.environ))
+            self.store.reload_keyring(master)
+            logs.configure(
+                fmt=new.log_format, level=new.log_level, stream=self.stream, pseudonym_key=master.derive(PSEUDONYM_PURPOSE)
+            )
+            self.intake.secrets = webhook_secrets(new)
+            self.maintenance.policy = maintenance_policy(new)
+            ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
+            self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
+            self.reload_error = None
+            log.info("reloaded", keyring_primary=self.store.keyring.primary.id, restart_needed_for=ignored or None)
+        except (NataliaError, OSError) as exc:
+            self.reload_error = str(exc)
+            log.error("reload_failed", error=str(exc))
+        self._tell("READY=1", f"STATUS={self.status_line()}")
+
+    # ---- stop ----
+
+    async def _shutdown(
+        self, server: tornado.httpserver.HTTPServer, maintenance: asyncio.Task[None], maintenance_stop: asyncio.Event
+    ) -> int:
+        deadline = time.monotonic() + self.cfg.stop_timeout_s
+        self.stopping = True
+        self.intake.stopping = True
+        self._tell("STOPPING=1", f"STATUS={self.status_line()}")
+        log.info("stopping", inflight=self.intake.inflight, replies_pending=self.conversations.pending)
+        server.stop()  # no new connections; requests on open ones get 503 from the intake
+        while self.intake.inflight and time.monotonic() < deadline - 2:
+            await asyncio.sleep(0.01)
+        left = await self.conversations.close(timeout=max(0.0, min(5.0, deadline - time.monotonic() - 2)))
+        if left:
+            log.warning("replies_left_unanswered", count=left)  # durable and claimed: answered by resume (issue 4)
+        maintenance_stop.set()
+        await maintenance
+        code = 0
+        log.info("saving_before_shutdown", sessions=len(self.store))
+        try:
+            generation = await self.store.snapshot_async(full=bool(self.store.degraded))
+            log.info("snapshot", generation=generation, sessions=len(self.store), final=True)
+        except (NataliaError, OSError) as exc:
+            code = 7
+            log.error("final_snapshot_failed", error=str(exc), degraded=self.store.degraded)
+        await self.store.aclose()
+        await server.close_all_connections()
+        log.info("stopped", exit_code=code, seconds_left=round(deadline - time.monotonic(), 2))
+        return code
+
+
+def serve(
+    cfg: config.Config,
+    config_path: str | None,
+    environ: Mapping[str, str],
+    *,
+    master_key: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> int:
+    """The `serve` command: logs, then the daemon on a fresh event loop."""
+    daemon = Daemon(cfg, config_path=config_path, master_key=master_key, environ=environ, overrides=overrides)
+    logs.configure(fmt=cfg.log_format, level=cfg.log_level)
+    return asyncio.run(daemon.run())

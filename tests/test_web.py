@@ -1,0 +1,426 @@
+"""The webhook over real HTTP on loopback (a Tornado server in this process, a real store on disk): Meta's
+handshake, signatures, size and shape errors, durable acknowledgement, dedup, statuses, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.netutil
+
+from natalia_secure import whatsapp
+from natalia_secure.intake import Intake, WebhookSecrets
+from natalia_secure.masterkey import MasterKey
+from natalia_secure.metrics import Metrics
+from natalia_secure.replies import Conversations, OfflineAssistant
+from natalia_secure.store import Store, StoreOptions
+from natalia_secure.web import Deps, Health, make_app
+
+SECRET = b"test-app-secret"
+TOKEN = "test-verify-token"
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@dataclass
+class Recorder:
+    """An outbox that keeps what it was asked to send."""
+
+    sent: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    async def send_text(self, phone: str, text: str, reply_to: str | None) -> None:
+        self.sent.append((phone, text, reply_to))
+
+
+@dataclass
+class Server:
+    url: str
+    store: Store
+    intake: Intake
+    conversations: Conversations
+    outbox: Recorder
+    metrics: Metrics
+    client: tornado.httpclient.AsyncHTTPClient
+
+    async def fetch(
+        self, path: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tornado.httpclient.HTTPResponse:
+        return await self.client.fetch(self.url + path, method=method, body=body, headers=headers, raise_error=False)
+
+    async def post(self, body: bytes, signature: str | None = "sign") -> tornado.httpclient.HTTPResponse:
+        headers = {"Content-Type": "application/json"}
+        if signature == "sign":
+            signature = whatsapp.sign(SECRET, body)
+        if signature is not None:
+            headers[whatsapp.SIGNATURE_HEADER] = signature
+        return await self.fetch("/webhook", "POST", body, headers)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        value = self.metrics.registry.get_sample_value(name, dict(kv.split("=") for kv in labels.split(",")) if labels else None)
+        return value or 0.0
+
+
+def health_of(store: Store) -> Callable[[], Health]:
+    def health() -> Health:
+        if store.degraded:
+            return Health(False, "degraded", f"store: {store.degraded}", {"sessions": len(store)})
+        return Health(True, "ok", None, {"sessions": len(store)})
+
+    return health
+
+
+@contextlib.asynccontextmanager
+async def serving(state_dir: str, master: MasterKey, **options: Any) -> AsyncIterator[Server]:
+    store = Store.open(state_dir, master, StoreOptions(chunk=4096, **options))
+    metrics = Metrics()
+    outbox = Recorder()
+    conversations = Conversations(store, OfflineAssistant(), outbox, metrics, concurrency=4)
+    intake = Intake(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
+    server = tornado.httpserver.HTTPServer(make_app(Deps(intake, metrics, health_of(store))), max_body_size=4 * 1024 * 1024)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+    server.add_sockets(sockets)
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_body_size=16 * 1024 * 1024)
+    try:
+        yield Server(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", store, intake, conversations, outbox, metrics, client)
+    finally:
+        client.close()
+        server.stop()
+        await server.close_all_connections()
+        await conversations.close(timeout=5)
+        await store.aclose()
+
+
+def one(wamid: str, phone: str = "34600000001", text: str = "Hola", ts: int = 1_770_000_000) -> bytes:
+    return whatsapp.text_webhook([(wamid, phone, text, ts)])
+
+
+async def settle(srv: Server) -> None:
+    """Until every accepted message is answered."""
+    for _ in range(500):
+        if not srv.conversations.pending:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("replies did not settle")
+
+
+def test_subscription_handshake_echoes_the_raw_challenge(state_dir: str, master: MasterKey) -> None:
+    """GET /webhook with hub.mode=subscribe and our token answers 200 with exactly hub.challenge; anything else 403."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            ok = await srv.fetch(f"/webhook?hub.mode=subscribe&hub.verify_token={TOKEN}&hub.challenge=1158201444")
+            assert (ok.code, ok.body) == (200, b"1158201444")
+            for query in (
+                "hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1",
+                f"hub.mode=unsubscribe&hub.verify_token={TOKEN}&hub.challenge=1",
+                "hub.challenge=1",
+                "",
+            ):
+                refused = await srv.fetch("/webhook?" + query)
+                assert refused.code == 403, query
+
+    run(go())
+
+
+def test_a_signed_message_is_durable_before_the_200(state_dir: str, master: MasterKey) -> None:
+    """200 comes only after the message is in the journal and fsynced: a fresh read-only open (what a restart
+    would load) already holds it when the answer arrives."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            r = await srv.post(one("wamid.A1", text="Quiero fotos de salado"))
+            assert r.code == 200 and json.loads(r.body) == {"messages": 1, "duplicates": 0, "statuses": 0}
+            on_disk = Store.open(state_dir, master, readonly=True)
+            assert [m["content"] for m in on_disk.get("34600000001")["messages"]][:1] == ["Quiero fotos de salado"]
+            assert on_disk.is_claimed("wamid.A1")
+            assert srv.metric("natalia_webhooks_total", "outcome=ok") == 1
+            assert srv.metric("natalia_ack_latency_seconds_count") == 1
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "signature", [None, "", "sha256=", "sha256=" + "0" * 64, "sha1=abc", "sha256=" + whatsapp.sign(b"other", b"x")[7:]]
+)
+def test_a_missing_or_wrong_signature_gets_401_and_records_nothing(
+    state_dir: str, master: MasterKey, signature: str | None
+) -> None:
+    """No work and no record for an unsigned or wrongly signed POST."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            r = await srv.post(one("wamid.X"), signature=signature)
+            assert r.code == 401
+            assert len(srv.store) == 0 and not srv.store.is_claimed("wamid.X") and srv.store.lsn == 0
+            assert srv.metric("natalia_signature_failures_total") == 1
+
+    run(go())
+
+
+def test_the_signature_covers_the_exact_bytes(state_dir: str, master: MasterKey) -> None:
+    """Re-serialising the JSON (a space added) breaks the signature: the raw body is what is checked."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            body = one("wamid.B")
+            r = await srv.post(body + b" ", signature=whatsapp.sign(SECRET, body))
+            assert r.code == 401
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"object": "whatsapp_business_account", "entry": {}}', "entry is not an array"),
+        (whatsapp.text_webhook([("wamid.C", "", "x", 1)]), "from"),
+        (whatsapp.text_webhook([("wamid.C", "3460\n0", "x", 1)]), "sender"),
+        (whatsapp.text_webhook([("w" * 513, "34600000001", "x", 1)]), "longer than 512"),
+    ],
+)
+def test_a_malformed_body_gets_400_naming_the_problem_and_nothing_is_recorded(
+    state_dir: str, master: MasterKey, body: bytes, fragment: str
+) -> None:
+    """A signed body of the wrong shape is refused whole, with a JSON error that says where."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            r = await srv.post(body)
+            assert r.code == 400 and fragment in json.loads(r.body)["error"]
+            assert srv.store.lsn == 0
+
+    run(go())
+
+
+def test_a_bad_message_later_in_the_batch_refuses_the_whole_batch(state_dir: str, master: MasterKey) -> None:
+    """Checked before anything is appended: the good first message is not half-accepted."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            body = whatsapp.text_webhook([("wamid.ok", "34600000001", "hola", 1), ("wamid.bad", "34 60\t0", "x", 1)])
+            assert (await srv.post(body)).code == 400
+            assert srv.store.lsn == 0 and not srv.store.is_claimed("wamid.ok")
+
+    run(go())
+
+
+def test_bodies_over_3_mb_get_413(state_dir: str, master: MasterKey) -> None:
+    """Meta's limit: by Content-Length at once, and for a chunked body as soon as it passes 3 MB; exactly 3 MB is
+    read (and judged on its signature)."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            big = b"x" * (whatsapp.MAX_BODY + 1)
+            assert (await srv.post(big)).code == 413
+            exact = b" " * (whatsapp.MAX_BODY - 2) + b"{}"
+            assert (await srv.post(exact)).code == 200  # a valid signed object of no known kind: ignored
+
+            async def chunks(write: Callable[[bytes], Awaitable[None]]) -> None:
+                for _ in range(4):
+                    await write(b"y" * (1024 * 1024))
+
+            r = await srv.client.fetch(
+                srv.url + "/webhook",
+                method="POST",
+                body_producer=chunks,
+                raise_error=False,
+                headers={whatsapp.SIGNATURE_HEADER: "sha256=00"},
+            )
+            assert r.code in (413, 599)  # 413, or the connection closed while we were still sending
+            assert srv.metric("natalia_webhooks_total", "outcome=too_large") >= 1
+            assert srv.store.lsn == 0
+
+    run(go())
+
+
+def test_every_message_of_a_batch_is_kept_in_order(state_dir: str, master: MasterKey) -> None:
+    """Three messages from two phones in one POST: all acknowledged, each session in arrival order."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            body = whatsapp.text_webhook(
+                [
+                    ("wamid.1", "34600000001", "uno", 1),
+                    ("wamid.2", "34600000002", "dos", 1),
+                    ("wamid.3", "34600000001", "tres", 1),
+                ]
+            )
+            r = await srv.post(body)
+            assert json.loads(r.body)["messages"] == 3
+            await settle(srv)
+            first = [m["content"] for m in srv.store.get("34600000001")["messages"] if m["role"] == "user"]
+            assert first == ["uno", "tres"]
+            assert srv.metric("natalia_messages_received_total", "kind=text") == 3
+
+    run(go())
+
+
+def test_a_redelivery_is_answered_200_without_a_second_reply(state_dir: str, master: MasterKey) -> None:
+    """The wamid is claimed: Meta's retry of the same POST is acknowledged and does no work."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            body = one("wamid.D1")
+            assert (await srv.post(body)).code == 200
+            await settle(srv)
+            r = await srv.post(body)
+            assert r.code == 200 and json.loads(r.body) == {"messages": 0, "duplicates": 1, "statuses": 0}
+            await settle(srv)
+            assert len(srv.outbox.sent) == 1
+            assert len(srv.store.get("34600000001")["messages"]) == 2  # the message and one reply
+            assert srv.metric("natalia_dedup_hits_total") == 1
+
+    run(go())
+
+
+def test_a_redelivery_after_a_restart_gets_no_second_reply(state_dir: str, master: MasterKey) -> None:
+    """Claims are durable: a new process (a new store opened from disk) still knows the message."""
+
+    async def go() -> None:
+        body = one("wamid.R1")
+        async with serving(state_dir, master) as srv:
+            assert (await srv.post(body)).code == 200
+            await settle(srv)
+        async with serving(state_dir, master) as srv:
+            r = await srv.post(body)
+            assert r.code == 200 and json.loads(r.body)["duplicates"] == 1
+            await asyncio.sleep(0.05)
+            assert srv.outbox.sent == [] and len(srv.store.get("34600000001")["messages"]) == 2
+
+    run(go())
+
+
+def test_concurrent_duplicates_are_answered_only_once_durable(state_dir: str, master: MasterKey) -> None:
+    """The same POST sent 20 times at once: one message, one reply, twenty 200s."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            body = one("wamid.C20")
+            answers = await asyncio.gather(*(srv.post(body) for _ in range(20)))
+            assert [a.code for a in answers] == [200] * 20
+            assert sum(json.loads(a.body)["messages"] for a in answers) == 1
+            await settle(srv)
+            assert len(srv.outbox.sent) == 1
+
+    run(go())
+
+
+def test_statuses_are_counted_and_never_create_sessions(state_dir: str, master: MasterKey) -> None:
+    """A delivery status is 200, a metric, and nothing in the store."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            status = {"id": "wamid.S", "status": "delivered", "timestamp": "1770000000", "recipient_id": "34600000009"}
+            change = {"field": "messages", "value": {"messaging_product": "whatsapp", "statuses": [status]}}
+            body = json.dumps({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [change]}]}).encode()
+            r = await srv.post(body)
+            assert r.code == 200 and json.loads(r.body)["statuses"] == 1
+            assert len(srv.store) == 0 and srv.store.lsn == 0
+            assert srv.metric("natalia_statuses_total", "status=delivered") == 1
+
+    run(go())
+
+
+def test_payloads_of_other_kinds_are_acknowledged_and_ignored(state_dir: str, master: MasterKey) -> None:
+    """Another object or field, correctly signed: 200 and nothing recorded."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            for obj in (
+                {"object": "page", "entry": []},
+                {"object": "whatsapp_business_account", "entry": [{"changes": [{"field": "account_update", "value": {}}]}]},
+            ):
+                r = await srv.post(json.dumps(obj).encode())
+                assert r.code == 200
+            assert srv.metric("natalia_webhooks_total", "outcome=ignored") == 2 and srv.store.lsn == 0
+
+    run(go())
+
+
+def test_a_store_that_cannot_persist_answers_503_and_recovers(
+    state_dir: str, master: MasterKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync fails (EIO): 503 and degraded health, nothing acknowledged; after a recovery snapshot the retry of the
+    same POST is 200 and the message is answered exactly once."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            real_fsync = os.fsync
+
+            def failing(fd: int) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(os, "fsync", failing)
+            body = one("wamid.F1")
+            r = await srv.post(body)
+            assert r.code == 503
+            health = await srv.fetch("/healthz")
+            assert health.code == 503 and json.loads(health.body)["status"] == "degraded"
+            assert (await srv.post(one("wamid.F2"))).code == 503  # refused at once while degraded
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            await srv.store.snapshot_async(full=True)  # what maintenance retries every 10 s
+            assert (await srv.fetch("/healthz")).code == 200
+            r = await srv.post(body)
+            assert r.code == 200 and json.loads(r.body)["duplicates"] == 1  # held in memory, now durable
+            await settle(srv)
+            assert len(srv.outbox.sent) == 1
+            assert srv.metric("natalia_webhooks_total", "outcome=unavailable") == 2
+
+    run(go())
+
+
+def test_a_stopping_daemon_answers_503(state_dir: str, master: MasterKey) -> None:
+    """After SIGTERM new webhooks are refused so Meta retries them against the next process."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            srv.intake.stopping = True
+            assert (await srv.post(one("wamid.S1"))).code == 503
+            assert srv.store.lsn == 0
+
+    run(go())
+
+
+def test_health_and_metrics_hold_no_personal_data(state_dir: str, master: MasterKey) -> None:
+    """/healthz is JSON with counts; /metrics is Prometheus text; neither names a phone or a text."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            await srv.post(one("wamid.P1", phone="34611122233", text="mi dirección secreta"))
+            await settle(srv)
+            health = await srv.fetch("/healthz")
+            assert health.code == 200 and json.loads(health.body) == {"status": "ok", "reason": None, "sessions": 1}
+            metrics = await srv.fetch("/metrics")
+            assert metrics.code == 200 and b"natalia_webhooks_total" in metrics.body
+            for r in (health, metrics):
+                assert b"34611122233" not in r.body and b"secreta" not in r.body and b"wamid" not in r.body
+
+    run(go())
+
+
+def test_unknown_paths_and_methods_get_json_errors(state_dir: str, master: MasterKey) -> None:
+    """404 and 405 are JSON, never an HTML traceback page."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            r = await srv.fetch("/nope")
+            assert r.code == 404 and json.loads(r.body) == {"error": "not found"}
+            r = await srv.fetch("/webhook", method="PUT", body=b"{}")
+            assert r.code == 405 and "error" in json.loads(r.body)
+
+    run(go())
