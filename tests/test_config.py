@@ -347,3 +347,10 @@ def test_repr_never_shows_a_secret(tmp_path: pathlib.Path) -> None:
     assert c.app_secret == SECRET + "-cred" and c.verify_token == SECRET + "-file" and c.access_token == SECRET + "-env"
     assert SECRET not in repr(c) and SECRET not in str(c) and SECRET not in repr(dict(c.sources))
     assert "state_dir='/var/lib/natalia-secure'" in repr(c)
+
+
+def test_readme_documents_every_setting_as_the_code_reads_it() -> None:
+    """README.md carries the table rendered from SETTINGS, so the documented names and defaults cannot drift."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        assert config.table_markdown() in f.read()

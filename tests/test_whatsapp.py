@@ -231,3 +231,17 @@ def test_any_body_parses_or_raises_only_payload_error(data: Any) -> None:
         return
     for m in hook.messages:
         assert isinstance(m.text, str) and m.timestamp_ms >= 0
+
+
+def test_the_webhook_builders_produce_what_the_parser_and_signature_check_accept() -> None:
+    """text_webhook + sign (used by the demo, the daemon tests and the benchmark) make a body Meta could have sent."""
+    body = whatsapp.text_webhook(
+        [("wamid.1", "34600000001", "Hola", 1770155790), ("wamid.2", "34600000002", "¿Qué tal?", 1770155791)]
+    )
+    assert whatsapp.signature_ok(SECRET, body, whatsapp.sign(SECRET, body))
+    assert not whatsapp.signature_ok(b"other", body, whatsapp.sign(SECRET, body))
+    hook = whatsapp.parse_webhook(body)
+    assert [(m.id, m.phone, m.text, m.timestamp_ms, m.name) for m in hook.messages] == [
+        ("wamid.1", "34600000001", "Hola", 1770155790000, "Cliente"),
+        ("wamid.2", "34600000002", "¿Qué tal?", 1770155791000, "Cliente"),
+    ]
