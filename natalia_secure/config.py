@@ -158,7 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the Anthropic API key"),
     Setting("anthropic_base_url", "ANTHROPIC_BASE_URL", "anthropic.base_url", None, _url,
             help="the Anthropic API URL (unset: the SDK's default)"),
-    Setting("model", "NATALIA_MODEL", "anthropic.model", "claude-sonnet-4-5", _text, help="the Claude model"),
+    # a current model: the SDK lists claude-sonnet-4-5 as deprecated, end of life 2026-11-30 (anthropic/_data)
+    Setting("model", "NATALIA_MODEL", "anthropic.model", "claude-sonnet-5-5", _text, help="the Claude model"),
     Setting("snapshot_interval_s", "NATALIA_SNAPSHOT_INTERVAL", "store.snapshot_interval", 300.0, _seconds,
             help="seconds between snapshots"),
     Setting("backup_interval_s", "NATALIA_BACKUP_INTERVAL", "store.backup_interval", 3600.0, _seconds,

@@ -77,7 +77,7 @@ def test_defaults_with_nothing_set() -> None:
     assert c.path is None
     assert c.state_dir == "/var/lib/natalia-secure"
     assert c.listen == ("127.0.0.1", 8080)
-    assert (c.graph_url, c.api_version, c.model) == ("https://graph.facebook.com", "v24.0", "claude-sonnet-4-5")
+    assert (c.graph_url, c.api_version, c.model) == ("https://graph.facebook.com", "v24.0", "claude-sonnet-5-5")
     assert c.app_secret is c.verify_token is c.access_token is c.anthropic_api_key is c.master_key_file is None
     assert (c.snapshot_interval_s, c.backup_interval_s, c.stop_timeout_s) == (300.0, 3600.0, 15.0)
     assert (c.inactive_days, c.reply_concurrency, c.durability) == (365, 32, "always")
@@ -116,7 +116,7 @@ def test_environment_overrides_the_file_and_empty_means_unset(tmp_path: pathlib.
     """An environment value wins over the file; an empty one is ignored, as is an empty TOML string."""
     path = write(tmp_path / "c.toml", '[natalia]\nlisten = "0.0.0.0:80"\nstate_dir = "/srv/a"\n[anthropic]\nmodel = ""\n')
     c = config.load(path, {"NATALIA_LISTEN": "localhost:8081", "NATALIA_STATE_DIR": "", "NATALIA_INACTIVE_DAYS": "30"})
-    assert (c.listen, c.state_dir, c.inactive_days, c.model) == (("localhost", 8081), "/srv/a", 30, "claude-sonnet-4-5")
+    assert (c.listen, c.state_dir, c.inactive_days, c.model) == (("localhost", 8081), "/srv/a", 30, "claude-sonnet-5-5")
     assert (c.sources["listen"], c.sources["state_dir"], c.sources["inactive_days"], c.sources["model"]) == (
         "env",
         "file",
@@ -354,3 +354,9 @@ def test_readme_documents_every_setting_as_the_code_reads_it() -> None:
     readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
     with open(readme, encoding="utf-8") as f:
         assert config.table_markdown() in f.read()
+
+
+def test_the_default_model_is_not_one_the_sdk_calls_deprecated() -> None:
+    """The installed anthropic SDK lists models nearing end of life; the default must not be one of them."""
+    sdk = pytest.importorskip("anthropic._data.deprecated_models")  # the SDK's own list (it warns on use); private
+    assert config.BY_NAME["model"].default not in sdk.DEPRECATED_MODELS
