@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import socket
 import sys
@@ -46,6 +47,7 @@ from .whatsapp import MAX_BODY
 log = structlog.get_logger("natalia_secure.daemon")
 
 STATUS_EVERY_S = 5.0
+STALL_S = 5.0  # a journal write running longer than this (fsync ~0.2 ms, DESIGN.md) means a hung disk: unhealthy
 PSEUDONYM_PURPOSE = "log pseudonyms"
 # Settings read once at start; a reload that changes them says a restart is needed.
 RESTART_ONLY = ("state_dir", "listen", "durability", "reply_concurrency")
@@ -95,6 +97,7 @@ class Daemon:
         self.stopping = False
         self.reload_error: str | None = None
         self.address: tuple[str, int] | None = None
+        self.abandoned = False  # the stop ran out of time with the disk still busy: exit without waiting for it
 
     # ---- start ----
 
@@ -111,7 +114,10 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         # Chunked bodies are cut at 4 MB by Tornado; our handler answers 413 from 3 MB on (web.py).
-        server = tornado.httpserver.HTTPServer(app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False)
+        # Timeouts so a client cannot hold connections and buffers open: Meta sends a webhook in one go.
+        server = tornado.httpserver.HTTPServer(
+            app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False, body_timeout=30, idle_connection_timeout=75
+        )
         server.add_sockets(sockets)
         bound = sockets[0].getsockname()
         self.address = (bound[0], bound[1])
@@ -119,11 +125,13 @@ class Daemon:
 
     async def run(self) -> int:
         started = time.monotonic()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before READY would kill us (SIGHUP's default action)
         store = self._open_store()
         try:
             return await self._serve(store, started)
         finally:
-            store.close()  # idempotent after aclose(); on an error path it releases the lock
+            if not self.abandoned:
+                store.close()  # idempotent after aclose(); on an error path it releases the lock
 
     async def _serve(self, store: Store, started: float) -> int:
         self.store = store
@@ -159,7 +167,8 @@ class Daemon:
         maintenance_stop = asyncio.Event()
         maintenance = asyncio.create_task(self.maintenance.run(maintenance_stop))
         self._tell("READY=1", f"STATUS={self.status_line()}")
-        watchdog = Watchdog(self.notifier, lambda: not store.degraded)
+        watchdog = Watchdog(self.notifier, self.store_healthy)
+        metrics.gauge("natalia_watchdog_pings", "WATCHDOG=1 sent to systemd since start", lambda: watchdog.pings)
         watchdog.start()
         status = asyncio.create_task(self._status_loop())
         try:
@@ -168,7 +177,6 @@ class Daemon:
         finally:
             status.cancel()
             watchdog.stop()
-            metrics.watchdog_pings.inc(watchdog.pings)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
@@ -185,7 +193,8 @@ class Daemon:
     def _tell(self, *assignments: str) -> None:
         """sd_notify, never fatal: without its socket the daemon still serves (systemd's timeouts are the judge)."""
         try:
-            self.notifier.notify(*assignments)
+            # one line each: a newline would end the assignment early (and is refused by the notifier)
+            self.notifier.notify(*(" ".join(a.splitlines()) for a in assignments))
         except OSError as exc:
             log.error("notify_failed", error=str(exc), sent=[a.split("=", 1)[0] for a in assignments])
 
@@ -198,17 +207,31 @@ class Daemon:
         details = {"sessions": len(store), "generation": store.generation, "snapshot_age_s": round(self._snapshot_age(), 1)}
         if self.stopping:
             return Health(False, "stopping", "shutting down", details)
-        if store.degraded:
-            return Health(False, "degraded", f"store: {store.degraded}", details)
+        problem = self.store_problem()
+        if problem:
+            return Health(False, "degraded", f"store: {problem}", details)
         return Health(True, "ok", None, details)
+
+    def store_problem(self) -> str | None:
+        if self.store.degraded:
+            return self.store.degraded
+        stalled = self.store.stalled_s()
+        if stalled > STALL_S:
+            return f"a journal write has not finished for {stalled:.0f} s (is the disk hung?)"
+        return None
+
+    def store_healthy(self) -> bool:
+        """The watchdog's condition (checked on the event loop, so a hung loop sends nothing either)."""
+        return self.store_problem() is None
 
     def status_line(self) -> str:
         """What `systemctl status` shows (STATUS=): one line, no personal data."""
         store = self.store
         if self.stopping:
             return "stopping: finishing acknowledgements and the final snapshot"
-        if store.degraded:
-            return f"DEGRADED, answering 503 and retrying: {store.degraded}"
+        problem = self.store_problem()
+        if problem:
+            return f"DEGRADED, answering 503 and retrying: {problem}"
         age = int(self._snapshot_age())
         host, port = self.address or ("?", 0)
         text = (
@@ -223,16 +246,20 @@ class Daemon:
             self._notify_status()
 
     async def reload(self) -> None:
-        self._tell("RELOADING=1")
+        if self.stopping:
+            return  # RELOADING/READY after STOPPING would tell systemd we are back
+        # sd_notify(3): RELOADING=1 goes with MONOTONIC_USEC= (Type=notify-reload waits for it)
+        self._tell("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
+            # Everything that can fail first; then the switch, so a failed reload changes nothing.
             new = dataclasses.replace(config.load(self.config_path, self.environ), **self.overrides)
             master = masterkey.read_key_file(master_key_path(new, self.explicit_key, self.environ))
-            self.store.reload_keyring(master)
+            secrets, policy = webhook_secrets(new), maintenance_policy(new)
+            self.store.reload_keyring(master)  # loads, then switches
             logs.configure(
                 fmt=new.log_format, level=new.log_level, stream=self.stream, pseudonym_key=master.derive(PSEUDONYM_PURPOSE)
             )
-            self.intake.secrets = webhook_secrets(new)
-            self.maintenance.policy = maintenance_policy(new)
+            self.intake.secrets, self.maintenance.policy = secrets, policy
             ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
             self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
             self.reload_error = None
@@ -259,16 +286,24 @@ class Daemon:
         if left:
             log.warning("replies_left_unanswered", count=left)  # durable and claimed: answered by resume (issue 4)
         maintenance_stop.set()
-        await maintenance
         code = 0
-        log.info("saving_before_shutdown", sessions=len(self.store))
         try:
-            generation = await self.store.snapshot_async(full=bool(self.store.degraded))
-            log.info("snapshot", generation=generation, sessions=len(self.store), final=True)
-        except (NataliaError, OSError) as exc:
-            code = 7
-            log.error("final_snapshot_failed", error=str(exc), degraded=self.store.degraded)
-        await self.store.aclose()
+            # Each step waits on the disk; together they get what is left of stop_timeout_s. Running out means the
+            # disk hangs: every acknowledged message is already fsynced, so exit (7) rather than be SIGKILLed.
+            await asyncio.wait_for(maintenance, max(0.1, deadline - time.monotonic()))
+            log.info("saving_before_shutdown", sessions=len(self.store))
+            try:
+                generation = await asyncio.wait_for(
+                    self.store.snapshot_async(full=bool(self.store.degraded)), max(0.1, deadline - time.monotonic())
+                )
+                log.info("snapshot", generation=generation, sessions=len(self.store), final=True)
+            except (NataliaError, OSError) as exc:
+                code = 7
+                log.error("final_snapshot_failed", error=str(exc), degraded=self.store.degraded)
+            await asyncio.wait_for(self.store.aclose(), max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            code, self.abandoned = 7, True
+            log.error("stop_timed_out", stop_timeout_s=self.cfg.stop_timeout_s)
         await server.close_all_connections()
         log.info("stopped", exit_code=code, seconds_left=round(deadline - time.monotonic(), 2))
         return code
@@ -285,4 +320,8 @@ def serve(
     """The `serve` command: logs, then the daemon on a fresh event loop."""
     daemon = Daemon(cfg, config_path=config_path, master_key=master_key, environ=environ, overrides=overrides)
     logs.configure(fmt=cfg.log_format, level=cfg.log_level)
-    return asyncio.run(daemon.run())
+    code = asyncio.run(daemon.run())
+    if daemon.abandoned:  # a thread is stuck in the kernel on a hung disk: interpreter exit would join it forever
+        sys.stdout.flush()
+        os._exit(code)
+    return code

@@ -62,6 +62,13 @@ class Intake:
     def challenge(self, args: dict[str, str]) -> str | None:
         return whatsapp.subscription_challenge(args, self.secrets.verify_token)
 
+    def refuse_unsigned(self) -> tuple[int, dict[str, Any]]:
+        """A POST whose signature header is missing or malformed, refused before its body is read."""
+        self.metrics.signature_failures.inc()
+        self.metrics.webhooks.labels("bad_signature").inc()
+        log.warning("webhook_rejected", reason="bad signature", header_present=False)
+        return 401, {"error": f"missing or wrong {whatsapp.SIGNATURE_HEADER}"}
+
     async def accept(self, body: bytes, signature: str | None) -> Answer:
         started = time.perf_counter()
         self.inflight += 1

@@ -232,6 +232,7 @@ class GroupCommitter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self.fsyncs = 0
         self.observe: Callable[[float], None] | None = None  # seconds per batch write + fsync (metrics)
+        self.batch_started: float | None = None  # time.monotonic() of the batch being written now, if any
 
     async def wait(self, lsn: int) -> None:
         if lsn <= self.journal.durable_lsn:
@@ -268,6 +269,7 @@ class GroupCommitter:
         while self.journal.has_pending():
             batch = self.journal.take_pending()
             started = time.perf_counter()
+            self.batch_started = time.monotonic()
             try:
                 await loop.run_in_executor(self._executor, self.journal.write, batch)
             except StoreUnavailable as exc:
@@ -278,6 +280,8 @@ class GroupCommitter:
                 if self._on_failure:
                     self._on_failure(exc)
                 return
+            finally:
+                self.batch_started = None
             self.fsyncs += 1
             if self.observe is not None:
                 self.observe(time.perf_counter() - started)

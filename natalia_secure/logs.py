@@ -206,6 +206,9 @@ def configure(
         root.removeHandler(_handler)
     _handler = handler
     root.setLevel(level.upper())
+    # tornado.general says "Malformed HTTP message from <client address>" at INFO: a client IP is personal data,
+    # and its warnings and errors are what an operator needs from it.
+    logging.getLogger("tornado.general").setLevel(max(logging.WARNING, root.level))
 
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -60,7 +60,9 @@ class Maintenance:
         now = store.clock()
         try:
             if store.degraded:
+                started = time.perf_counter()
                 await store.snapshot_async(full=True)
+                self._timed("snapshot", started)
                 self._last_snapshot = now
                 log.info("store_recovered", generation=store.generation)
                 done.append("recovered")
@@ -113,8 +115,8 @@ class Maintenance:
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set."""
         while not stop.is_set():
+            self._wake.clear()  # before the work: a wake-up during it is kept for the next turn
             await self.run_once()
-            self._wake.clear()
             stopped = asyncio.ensure_future(stop.wait())
             woken = asyncio.ensure_future(self._wake.wait())
             try:

@@ -51,7 +51,6 @@ class Metrics:
         self.backup_duration = Histogram(
             "natalia_backup_duration_seconds", "Backups, start to durable", buckets=SNAPSHOT_BUCKETS, registry=r
         )
-        self.watchdog_pings = Counter("natalia_watchdog_pings", "WATCHDOG=1 sent to systemd", registry=r)
         self._gauges: dict[str, Gauge] = {}
         for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start: rate() and alerts need the series to exist
             self.webhooks.labels(outcome)

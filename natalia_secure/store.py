@@ -437,6 +437,12 @@ class Store:
         self._committer.observe = self.observe_journal_write
         return self._committer
 
+    def stalled_s(self) -> float:
+        """How long the journal write in progress has been running (0 if none): a hung disk neither fails nor
+        finishes, so the daemon counts a long stall as unhealthy (no 200 can be given meanwhile)."""
+        started = self._committer.batch_started if self._committer is not None else None
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
+
     def _degrade(self, reason: str) -> None:
         if self.degraded:
             return
@@ -482,6 +488,8 @@ class Store:
             old.close()
             # Records after old.durable_lsn live only in memory until this snapshot commits: never report them durable before.
             self._journal = self._new_journal(old.segment + 1, lsn + 1, durable_lsn=old.durable_lsn)
+            if self._committer is not None:  # the old journal's leftover records are in this snapshot: never flush them
+                self._committer.journal = self._journal
             segment = self._journal.segment
         else:
             segment = self._journal.rotate()

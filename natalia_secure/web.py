@@ -86,6 +86,11 @@ class WebhookHandler(JSONHandler):
     def prepare(self) -> None:
         if self.request.method != "POST":
             return
+        if not whatsapp.signature_well_formed(self.request.headers.get(whatsapp.SIGNATURE_HEADER)):
+            # refused before the body is read: an unsigned client cannot make us buffer 3 MB
+            self.refused = True
+            self.answer(*self.intake.refuse_unsigned())
+            return
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > whatsapp.MAX_BODY):
             self._too_large()
@@ -103,6 +108,7 @@ class WebhookHandler(JSONHandler):
     def _too_large(self) -> None:
         self.refused = True
         self.intake.metrics.webhooks.labels("too_large").inc()
+        self.set_header("Connection", "close")  # the rest of the body is not read: this connection cannot be reused
         self.answer(413, {"error": f"body larger than {whatsapp.MAX_BODY} bytes"})
 
     async def post(self) -> None:

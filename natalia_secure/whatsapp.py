@@ -28,10 +28,18 @@ OBJECT = "whatsapp_business_account"
 
 def signature_ok(app_secret: bytes, body: bytes, header: str | None) -> bool:
     """True only for `sha256=<hex>` equal to HMAC-SHA256(app_secret, body), compared in constant time."""
-    if not header or not header.startswith("sha256="):
-        return False
+    if not header or not header.isascii() or not header.startswith("sha256="):
+        return False  # Tornado hands headers over as latin-1: compare_digest refuses non-ASCII str (TypeError)
     expected = hmac.new(app_secret, body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, header[len("sha256=") :].strip().lower())
+
+
+def signature_well_formed(header: str | None) -> bool:
+    """`sha256=` and 64 hex digits: worth reading a body for (the value itself is checked by signature_ok)."""
+    if not header or not header.isascii() or not header.startswith("sha256="):
+        return False
+    digest = header[len("sha256=") :].strip()
+    return len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)
 
 
 def sign(app_secret: bytes, body: bytes) -> str:
@@ -162,7 +170,9 @@ def _parse_value(value: dict[str, Any], where: str, result: Webhook) -> None:
         at = f"{where}.messages[{k}]"
         if not isinstance(message, dict):
             raise PayloadError(f"{at} is not an object")
-        sender = _str(message, "from", at)
+        # `from` is the sender's phone (wa_id); a user who adopted a WhatsApp username may come with only a
+        # business-scoped user id (`from_user_id`, Meta 2026): it keys the session the same way.
+        sender = _str(message, "from" if "from" in message or "from_user_id" not in message else "from_user_id", at)
         kind = message.get("type", "unknown")
         if not isinstance(kind, str):
             raise PayloadError(f"{at}.type must be a string")
@@ -177,15 +187,21 @@ def _parse_value(value: dict[str, Any], where: str, result: Webhook) -> None:
                 phone_number_id=number_id if isinstance(number_id, str) else None,
             )
         )
-    for k, status in enumerate(_list(value, "statuses", where)):
-        at = f"{where}.statuses[{k}]"
-        if not isinstance(status, dict):
-            raise PayloadError(f"{at} is not an object")
-        result.statuses.append(
-            Status(
-                _str(status, "id", at), _str(status, "status", at), _str(status, "recipient_id", at), _timestamp_ms(status, at)
-            )
-        )
+    # Statuses are only counted: one we cannot read is counted as "other", never a 400 that would make Meta
+    # retry (and finally drop) the customer messages of the same POST.
+    for status in _list(value, "statuses", where):
+        result.statuses.append(_status(status))
+
+
+def _status(status: object) -> Status:
+    if not isinstance(status, dict):
+        return Status("", "other", "", 0)
+    fields = [v if isinstance(v := status.get(k), str) else "" for k in ("id", "status", "recipient_id")]
+    try:
+        ts = _timestamp_ms(status, "status")
+    except PayloadError:
+        ts = 0
+    return Status(fields[0], fields[1] or "other", fields[2], ts)
 
 
 def _part(message: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -338,3 +338,90 @@ def test_the_console_entry_point_is_installed() -> None:
     exe = shutil.which("natalia-secure") or os.path.join(os.path.dirname(sys.executable), "natalia-secure")
     out = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_a_hung_disk_cannot_stretch_the_stop_past_its_timeout(
+    state_dir: str, master_key_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync hangs (a dead disk): /healthz turns 503 once the journal write has stalled, and a stop with
+    NATALIA_STOP_TIMEOUT=1 returns exit 7 about a second later instead of waiting for the disk."""
+    import asyncio
+
+    import tornado.httpclient
+
+    from natalia_secure import config
+    from natalia_secure import daemon as daemon_module
+
+    release = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(daemon_module, "STALL_S", 0.3)
+    env = {
+        "NATALIA_STATE_DIR": state_dir,
+        "NATALIA_MASTER_KEY_FILE": master_key_file,
+        "NATALIA_LISTEN": "127.0.0.1:0",
+        "NATALIA_STOP_TIMEOUT": "1",
+        "WHATSAPP_APP_SECRET": SECRET,
+        "WHATSAPP_VERIFY_TOKEN": "t",
+    }
+    d = daemon_module.Daemon(config.load(None, env), environ=env)
+
+    async def scenario() -> tuple[int, int, float]:
+        task = asyncio.ensure_future(d.run())
+        while d.address is None:
+            await asyncio.sleep(0.01)
+        client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        url = f"http://127.0.0.1:{d.address[1]}"
+
+        def hanging(fd: int) -> None:
+            release.wait(30)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", hanging)
+        message = body("wamid.HD1", PHONES[0], "hola")
+        post = asyncio.ensure_future(
+            client.fetch(
+                url + "/webhook",
+                method="POST",
+                body=message,
+                raise_error=False,
+                headers={whatsapp.SIGNATURE_HEADER: whatsapp.sign(SECRET.encode(), message)},
+            )
+        )
+        await asyncio.sleep(0.6)
+        health = await client.fetch(url + "/healthz", raise_error=False)
+        t0 = time.monotonic()
+        d.stop_requested.set()
+        code = await task
+        elapsed = time.monotonic() - t0
+        post.cancel()
+        client.close()
+        return health.code, code, elapsed
+
+    try:
+        health, code, elapsed = asyncio.run(scenario())
+    finally:
+        release.set()
+        d.store.close()
+    assert health == 503 and code == 7 and d.abandoned and elapsed < 3
+
+
+def test_a_reload_that_fails_late_changes_nothing(
+    tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    """The new file lowers the log level but the app secret's credential is gone: the reload fails as a whole, the old
+    secret still works and info lines are still written."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "whatsapp-app-secret").write_text(SECRET)
+    conf = tmp_path / "natalia.toml"
+    conf.write_text('[logging]\nlevel = "info"\n')
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "WHATSAPP_APP_SECRET": "", "NATALIA_CONFIG": str(conf)}
+    d = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+    conf.write_text('[logging]\nlevel = "error"\n')
+    (creds / "whatsapp-app-secret").unlink()
+    d.signal(signal.SIGHUP)
+    assert "app secret" in d.event("reload_failed")["error"]
+    failed_at = time.monotonic()
+    assert d.post(body("wamid.RL1", PHONES[0], "sigo"))[0] == 200
+    d.until(lambda: any(e.get("event") == "webhook" and e["_t"] > failed_at for e in d.events))
+    assert d.stop() == 0

@@ -494,3 +494,74 @@ def test_messages_to_a_cold_session_are_seen_at_once_and_trimmed(state_dir: str,
     store.close()
     reopened = Store.open(state_dir, master, StoreOptions(chunk=4096, max_messages=3), readonly=True)
     assert reopened.get("+34600000001") == shown and reopened.phones() == ["+34600000001"]
+
+
+def test_after_recovery_the_abandoned_journal_is_never_flushed_again(
+    state_dir: str, master: MasterKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write fails while a second record waits; the recovery snapshot holds both. Closing afterwards flushes only
+    the new journal: no second degradation, and both messages are there after a reopen."""
+    import asyncio
+    import time
+
+    from natalia_secure import journal
+
+    real = journal.Journal._write
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def write(self: journal.Journal, batch: journal.Batch) -> None:
+        if failures:
+            time.sleep(0.05)  # long enough for the second record to be appended meanwhile
+            raise failures.pop()
+        real(self, batch)
+
+    monkeypatch.setattr(journal.Journal, "_write", write)
+
+    async def go() -> list[str]:
+        store = Store.open(state_dir, master)
+        degradations: list[str] = []
+        store.on_degraded = degradations.append
+        first = store.add_message("34600000001", "user", "a", store.clock(), message_id="w1")
+        waiting = asyncio.ensure_future(store.wait_durable(first))
+        await asyncio.sleep(0.01)
+        store.add_message("34600000002", "user", "b", store.clock(), message_id="w2")  # pending while batch 1 fails
+        with pytest.raises(StoreUnavailable):
+            await waiting
+        await store.snapshot_async(full=True)
+        assert store.degraded is None
+        await store.aclose()
+        return degradations
+
+    assert len(asyncio.run(go())) == 1
+    with Store.open(state_dir, master, readonly=True) as again:
+        assert again.is_claimed("w1") and again.is_claimed("w2") and len(again) == 2
+
+
+def test_a_journal_write_that_hangs_shows_as_a_stall(state_dir: str, master: MasterKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung fsync neither fails nor finishes: stalled_s grows while it hangs (the daemon's health and watchdog
+    use it) and is 0 again once it returns."""
+    import asyncio
+    import threading
+
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def hanging(fd: int) -> None:
+        release.wait(10)
+        real_fsync(fd)
+
+    async def go() -> tuple[float, float, float]:
+        store = Store.open(state_dir, master)
+        before = store.stalled_s()
+        monkeypatch.setattr(os, "fsync", hanging)
+        waiting = asyncio.ensure_future(store.wait_durable(store.add_message("34600000001", "user", "a", 1)))
+        await asyncio.sleep(0.3)
+        during = store.stalled_s()
+        release.set()
+        await waiting
+        after = store.stalled_s()
+        await store.aclose()
+        return before, during, after
+
+    before, during, after = asyncio.run(go())
+    assert before == 0 and during >= 0.25 and after == 0

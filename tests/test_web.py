@@ -239,7 +239,7 @@ def test_bodies_over_3_mb_get_413(state_dir: str, master: MasterKey) -> None:
                 method="POST",
                 body_producer=chunks,
                 raise_error=False,
-                headers={whatsapp.SIGNATURE_HEADER: "sha256=00"},
+                headers={whatsapp.SIGNATURE_HEADER: "sha256=" + "0" * 64},
             )
             assert r.code in (413, 599)  # 413, or the connection closed while we were still sending
             assert srv.metric("natalia_webhooks_total", "outcome=too_large") >= 1
@@ -422,5 +422,22 @@ def test_unknown_paths_and_methods_get_json_errors(state_dir: str, master: Maste
             assert r.code == 404 and json.loads(r.body) == {"error": "not found"}
             r = await srv.fetch("/webhook", method="PUT", body=b"{}")
             assert r.code == 405 and "error" in json.loads(r.body)
+
+    run(go())
+
+
+def test_an_unsigned_post_is_refused_before_its_body_is_read(state_dir: str, master: MasterKey) -> None:
+    """A client that announces 3 MB without a signature gets 401 at once, though it never sends the body."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n")
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), timeout=5)
+            assert status.startswith(b"HTTP/1.1 401")
+            writer.close()
+            assert srv.metric("natalia_signature_failures_total") == 1
 
     run(go())

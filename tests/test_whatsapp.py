@@ -245,3 +245,28 @@ def test_the_webhook_builders_produce_what_the_parser_and_signature_check_accept
         ("wamid.1", "34600000001", "Hola", 1770155790000, "Cliente"),
         ("wamid.2", "34600000002", "¿Qué tal?", 1770155791000, "Cliente"),
     ]
+
+
+def test_an_unreadable_status_is_counted_as_other_and_never_refuses_the_post() -> None:
+    """Statuses are only counted: a malformed one must not turn the customer messages beside it into a 400."""
+    hook = parse(payload(value(messages=[text("wamid.1", "34600000001", "hola")], statuses=[{"id": 3}, "x", {"status": "read"}])))
+    assert [m.id for m in hook.messages] == ["wamid.1"]
+    assert [s.status for s in hook.statuses] == ["other", "other", "read"]
+
+
+def test_a_sender_known_only_by_a_business_scoped_user_id_keys_its_session() -> None:
+    """A message without `from` but with `from_user_id` (WhatsApp usernames) is kept, keyed by that id."""
+    message = {
+        "from_user_id": "US.1234567890",
+        "id": "wamid.U",
+        "timestamp": "1770155790",
+        "type": "text",
+        "text": {"body": "hola"},
+    }
+    assert parse(payload(value(messages=[message]))).messages[0].phone == "US.1234567890"
+
+
+@pytest.mark.parametrize("header", ["sha256=\xe9", "sha256=" + "\u00ff" * 64, "\xe9"])
+def test_a_non_ascii_signature_header_is_refused_not_a_crash(header: str) -> None:
+    """Tornado decodes headers as latin-1; hmac.compare_digest would raise TypeError on them."""
+    assert not whatsapp.signature_ok(SECRET, b"{}", header)
