@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", action="store_true")
 
     sub.add_parser("serve", help="run the daemon (the WhatsApp webhook; systemd Type=notify)", parents=[common])
+
+    demo = sub.add_parser("demo", help="play the legacy scenario against a local daemon (offline, no credentials)")
+    demo.add_argument(
+        "--dir", default="natalia-demo", metavar="DIR", help="where the demo keeps its files (default ./natalia-demo)"
+    )
+    demo.add_argument("--keep-running", action="store_true", help="leave the daemon serving afterwards (Ctrl-C stops it)")
+    demo.add_argument("--say", metavar="TEXT", help="send TEXT to a demo started with --keep-running in DIR")
     return parser
 
 
@@ -191,7 +198,7 @@ def cmd_show(ctx: Context, out: TextIO) -> int:
     first, last = iso_utc(session["firstInteraction"]), iso_utc(session["lastActivity"])
     out.write(f"{phone}: {len(session['messages'])} messages, first {first}, last {last}\n")
     for m in session["messages"]:
-        text = m["content"].replace("\n", "\n" + " " * 32)
+        text = m["content"].replace("\n", "\n" + " " * 33)  # under the text column
         out.write(f"{iso_utc(m['timestamp'])}  {m['role']:<9}  {text}\n")
     return 0
 
@@ -218,6 +225,14 @@ def cmd_serve(ctx: Context, out: TextIO) -> int:
     return daemon.serve(cfg, ctx.config_path, ctx.environ, master_key=ctx.args.master_key, overrides=overrides)
 
 
+def cmd_demo(ctx: Context, out: TextIO) -> int:
+    from . import demo  # the demo's own imports stay out of every other command
+
+    if ctx.args.say is not None:
+        return demo.run_say(ctx.args.dir, ctx.args.say, out)
+    return demo.run_demo(ctx.args.dir, ctx.args.keep_running, out)
+
+
 COMMANDS = {
     ("keys", "init"): cmd_keys_init,
     ("import-legacy", None): cmd_import_legacy,
@@ -225,6 +240,7 @@ COMMANDS = {
     ("show", None): cmd_show,
     ("verify", None): cmd_verify,
     ("serve", None): cmd_serve,
+    ("demo", None): cmd_demo,
 }
 
 

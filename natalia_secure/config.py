@@ -86,6 +86,14 @@ def _choice(*choices: str) -> Parse:
     return parse
 
 
+def _bool(value: Raw, where: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {_show(value)}")
+    return value
+
+
 def _listen(value: Raw, where: str) -> tuple[str, int]:
     """host:port or [IPv6]:port; port 0 is "any free port" (the tests use it)."""
     m = re.fullmatch(r"\[([^\[\]\s]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", _text(value, where))
@@ -160,6 +168,23 @@ SETTINGS: tuple[Setting, ...] = (
             help="the Anthropic API URL (unset: the SDK's default)"),
     # a current model: the SDK lists claude-sonnet-4-5 as deprecated, end of life 2026-11-30 (anthropic/_data)
     Setting("model", "NATALIA_MODEL", "anthropic.model", "claude-sonnet-5-5", _text, help="the Claude model"),
+    Setting("persona_file", "NATALIA_PERSONA", "anthropic.persona", None, _text,
+            help="Natalia's system prompt file (unset: the built-in Spanish persona)"),
+    Setting("history_budget", "NATALIA_HISTORY_BUDGET", "anthropic.history_budget", 60_000, _int(1_000, 2_000_000),
+            help="characters of history sent to Claude (most recent messages kept whole)"),
+    Setting("max_tokens", "NATALIA_MAX_TOKENS", "anthropic.max_tokens", 1024, _int(16, 64_000),
+            help="the longest reply Claude may write, in tokens"),
+    Setting("claude_timeout_s", "NATALIA_CLAUDE_TIMEOUT", "anthropic.timeout", 60.0, _seconds,
+            help="seconds per Messages API request (the SDK retries twice)"),
+    Setting("catalog_file", "NATALIA_CATALOG", "natalia.catalog", None, _text,
+            help="the photo catalog file (unset: the built-in demo albums)"),
+    Setting("fallback_message", "NATALIA_FALLBACK_MESSAGE", "natalia.fallback_message", None, _text,
+            help="what Natalia says when Claude cannot answer (unset: a polite Spanish message)"),
+    Setting("outbox", "NATALIA_OUTBOX", "natalia.outbox", "auto", _choice("auto", "whatsapp", "terminal", "log"),
+            help="where replies go: auto = whatsapp with an access token and phone number id, else terminal on a "
+                 "terminal, else log (length only)"),
+    Setting("typing_indicator", "NATALIA_TYPING_INDICATOR", "whatsapp.typing_indicator", False, _bool,
+            help="show \"typing...\" while Natalia prepares a reply"),
     Setting("snapshot_interval_s", "NATALIA_SNAPSHOT_INTERVAL", "store.snapshot_interval", 300.0, _seconds,
             help="seconds between snapshots"),
     Setting("backup_interval_s", "NATALIA_BACKUP_INTERVAL", "store.backup_interval", 3600.0, _seconds,
@@ -196,6 +221,14 @@ class Config:
     anthropic_api_key: str | None = field(repr=False)
     anthropic_base_url: str | None
     model: str
+    persona_file: str | None
+    history_budget: int
+    max_tokens: int
+    claude_timeout_s: float
+    catalog_file: str | None
+    fallback_message: str | None
+    outbox: str
+    typing_indicator: bool
     snapshot_interval_s: float
     backup_interval_s: float
     inactive_days: int

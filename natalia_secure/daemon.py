@@ -20,6 +20,7 @@ reply_concurrency) need a restart, and the log says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -33,12 +34,14 @@ import structlog
 import tornado.httpserver
 import tornado.netutil
 
-from . import backups, config, logs, masterkey
+from . import backups, catalog, config, logs, masterkey
+from .assistant import Assistant
 from .errors import ConfigError, NataliaError
 from .intake import Intake, WebhookSecrets
 from .maintenance import Maintenance, MaintenancePolicy
 from .metrics import Metrics
-from .replies import Conversations, LogOutbox, OfflineAssistant
+from .natalia import OfflineNatalia
+from .replies import Conversations, LogOutbox, Outbox, TerminalOutbox
 from .store import Store, StoreOptions
 from .systemd import Notifier, Watchdog
 from .web import Deps, Health, make_app
@@ -64,6 +67,46 @@ def webhook_secrets(cfg: config.Config) -> WebhookSecrets:
     return WebhookSecrets(cfg.app_secret.encode(), cfg.verify_token)
 
 
+def make_assistant(cfg: config.Config, photos: catalog.Catalog, metrics: Metrics) -> Assistant:
+    """Claude when an Anthropic API key is set, else the offline Natalia (natalia.py)."""
+    if not cfg.anthropic_api_key:
+        return OfflineNatalia(photos)
+    from . import claude  # imported only when used: the SDK costs ~0.5 s of start time
+
+    return claude.ClaudeAssistant(
+        api_key=cfg.anthropic_api_key,
+        model=cfg.model,
+        persona=claude.load_persona(cfg.persona_file),
+        catalog=photos,
+        metrics=metrics,
+        base_url=cfg.anthropic_base_url,
+        max_tokens=cfg.max_tokens,
+        timeout=cfg.claude_timeout_s,
+        budget_chars=cfg.history_budget,
+        fallback=cfg.fallback_message or claude.FALLBACK_TEXT,
+    )
+
+
+def outbox_kind(cfg: config.Config, terminal: bool) -> str:
+    if cfg.outbox != "auto":
+        return cfg.outbox
+    if cfg.access_token and cfg.phone_number_id:
+        return "whatsapp"
+    # printing conversations is for a person at a terminal, never into the journal (guarantee 4)
+    return "terminal" if terminal else "log"
+
+
+def make_outbox(cfg: config.Config, metrics: Metrics, terminal: bool) -> Outbox:
+    kind = outbox_kind(cfg, terminal)
+    if kind == "whatsapp":
+        cfg.require("access_token", "phone_number_id", purpose="sending through WhatsApp")
+        assert cfg.access_token is not None and cfg.phone_number_id is not None
+        from .graph import GraphClient
+
+        return GraphClient(cfg.graph_url, cfg.api_version, cfg.phone_number_id, cfg.access_token, metrics)
+    return TerminalOutbox() if kind == "terminal" else LogOutbox()
+
+
 def maintenance_policy(cfg: config.Config) -> MaintenancePolicy:
     return MaintenancePolicy(
         snapshot_every_s=cfg.snapshot_interval_s,
@@ -86,6 +129,10 @@ class Daemon:
     ) -> None:
         webhook_secrets(cfg)  # refuse to start without them, before anything is opened
         self.cfg = cfg
+        self.catalog = catalog.load(cfg.catalog_file)
+        self.outbox_kind = outbox_kind(cfg, sys.stderr.isatty())
+        if self.outbox_kind == "whatsapp":
+            cfg.require("access_token", "phone_number_id", purpose="sending through WhatsApp")
         self.config_path = config_path
         self.explicit_key = master_key
         self.environ = environ if environ is not None else {}
@@ -147,7 +194,17 @@ class Daemon:
         )
         metrics = self.metrics
         store.observe_journal_write = metrics.journal_write.observe
-        self.conversations = Conversations(store, OfflineAssistant(), LogOutbox(), metrics, self.cfg.reply_concurrency)
+        self.assistant = make_assistant(self.cfg, self.catalog, metrics)
+        self.outbox = make_outbox(self.cfg, metrics, sys.stderr.isatty())
+        self.conversations = Conversations(
+            store,
+            self.assistant,
+            self.outbox,
+            metrics,
+            self.catalog,
+            self.cfg.reply_concurrency,
+            typing=self.cfg.typing_indicator,
+        )
         self.intake = Intake(store, self.conversations, metrics, webhook_secrets(self.cfg))
         self.maintenance = Maintenance(store, maintenance_policy(self.cfg), observe=metrics.observe)
         store.on_degraded = self._degraded
@@ -171,11 +228,25 @@ class Daemon:
         metrics.gauge("natalia_watchdog_pings", "WATCHDOG=1 sent to systemd since start", lambda: watchdog.pings)
         watchdog.start()
         status = asyncio.create_task(self._status_loop())
+        log.info(
+            "natalia_ready",
+            assistant="claude" if self.cfg.anthropic_api_key else "offline",
+            model=self.cfg.model if self.cfg.anthropic_api_key else None,
+            outbox=self.outbox_kind,
+            albums=len(self.catalog.albums),
+        )
+        resume = asyncio.create_task(self.conversations.resume())  # unanswered messages from before the start
         try:
             await self.stop_requested.wait()
+            resume.cancel()
             return await self._shutdown(server, maintenance, maintenance_stop)
         finally:
             status.cancel()
+            for client in (self.outbox, self.assistant):
+                closer = getattr(client, "aclose", None)
+                if closer is not None:
+                    with contextlib.suppress(Exception):  # closing HTTP clients at exit: nothing left to save
+                        await closer()
             watchdog.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -210,6 +281,10 @@ class Daemon:
         problem = self.store_problem()
         if problem:
             return Health(False, "degraded", f"store: {problem}", details)
+        if getattr(self.outbox, "token_invalid", False):
+            return Health(
+                False, "degraded", "whatsapp: the access token is invalid or expired (set a new one and reload)", details
+            )
         return Health(True, "ok", None, details)
 
     def store_problem(self) -> str | None:
@@ -260,6 +335,9 @@ class Daemon:
                 fmt=new.log_format, level=new.log_level, stream=self.stream, pseudonym_key=master.derive(PSEUDONYM_PURPOSE)
             )
             self.intake.secrets, self.maintenance.policy = secrets, policy
+            set_token = getattr(self.outbox, "set_token", None)  # the WhatsApp client (graph.py)
+            if set_token is not None and new.access_token:
+                set_token(new.access_token)
             ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
             self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
             self.reload_error = None

@@ -67,3 +67,16 @@ class EnvelopeError(IntegrityError):
 
 class PayloadError(InputError):
     """A webhook body of the right kind with the wrong shape: answered 400, nothing recorded."""
+
+
+class SendError(NataliaError):
+    """WhatsApp did not take a message (graph.py). `kind` says what to do: window_closed, undeliverable and
+    rejected will never succeed (the reply is dropped); token, rate, server and transport may later (it is kept)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, code: int | None = None, status: int | None = None, kind: str = "rejected") -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.kind = kind

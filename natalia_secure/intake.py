@@ -118,11 +118,11 @@ class Intake:
                 newest = max(newest, lsn)
                 self.received += 1
                 self.metrics.message(m.kind)
-                self.conversations.submit(m, lsn)
+                self.conversations.submit(m.phone, m.id, lsn)
             await self.store.wait_durable(newest)
         except StoreUnavailable as exc:
             log.error("webhook_unavailable", reason=str(exc), degraded=self.store.degraded)
             return Answer(503, "unavailable", {"error": "the store cannot persist messages right now; retry later"})
         new = len(hook.messages) - duplicates
-        log.info("webhook", messages=new, duplicates=duplicates, statuses=len(hook.statuses))
+        log.debug("webhook", messages=new, duplicates=duplicates, statuses=len(hook.statuses))
         return Answer(200, "ok", {"messages": new, "duplicates": duplicates, "statuses": len(hook.statuses)})

@@ -209,6 +209,10 @@ def configure(
     # tornado.general says "Malformed HTTP message from <client address>" at INFO: a client IP is personal data,
     # and its warnings and errors are what an operator needs from it.
     logging.getLogger("tornado.general").setLevel(max(logging.WARNING, root.level))
+    # the HTTP client under the anthropic SDK and graph.py logs each request's URL at INFO: noise, and the Graph URL
+    # names our phone number id
+    for name in ("httpx", "httpx2", "httpcore", "anthropic"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -236,8 +240,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "status": status,
         "duration_ms": round(handler.request.request_time() * 1000, 2),
     }
-    if status < 400:
-        _access.info("http_request", **fields)
+    if status < 400:  # debug: one line per webhook cost ~25% of the daemon's CPU (bench/webhook.py); metrics count them
+        _access.debug("http_request", **fields)
     elif status < 500:
         _access.warning("http_request", **fields)
     else:

@@ -51,6 +51,23 @@ class Metrics:
         self.backup_duration = Histogram(
             "natalia_backup_duration_seconds", "Backups, start to durable", buckets=SNAPSHOT_BUCKETS, registry=r
         )
+        # the outbound side (claude.py, graph.py, replies.py)
+        self.claude_requests = Counter(
+            "natalia_claude_requests", "Messages API calls by outcome (ok, error, fallback)", ["outcome"], registry=r
+        )
+        self.claude_tokens = Counter(
+            "natalia_claude_tokens", "Tokens by type: input, output, cache_read, cache_write", ["type"], registry=r
+        )
+        self.whatsapp_sends = Counter(
+            "natalia_whatsapp_sends", "Graph API sends by kind (text, image, read) and outcome", ["kind", "outcome"], registry=r
+        )
+        self.whatsapp_errors = Counter(
+            "natalia_whatsapp_errors", "Graph API errors by code (a fixed set; others: other)", ["code"], registry=r
+        )
+        self.window_closed = Counter(
+            "natalia_window_closed", "Replies not sent: the 24-hour customer service window had closed", registry=r
+        )
+        self.resumed = Counter("natalia_replies_resumed", "Replies finished or made at start after a crash or stop", registry=r)
         self._gauges: dict[str, Gauge] = {}
         for outcome in WEBHOOK_OUTCOMES:  # present at 0 from the start: rate() and alerts need the series to exist
             self.webhooks.labels(outcome)

@@ -1,68 +1,103 @@
 """Natalia's side of a conversation, as the daemon schedules it: one reply at a time per phone, in arrival order;
 different phones concurrently, at most `concurrency` at once.
 
-A customer message is handed over (`submit`) as soon as it is in the journal; its reply waits until the message is
-durable (a reply to a message a crash could still lose would answer something we do not have). While the store is
-degraded the wait is retried, so a message accepted just before a fault is answered once the store recovers.
+A customer message is handed over (`submit`) as soon as it is in the journal; the reply waits until the message is
+durable (never answer what a crash could still lose) — retrying while the store is degraded. Messages that arrive
+while a reply is being made are answered together by the next one: a reply answers every user message after the
+newest assistant message (assistant.pending_user_text).
 
-Replies go through two small interfaces so the inbound path is complete and testable on its own:
-- `Assistant.reply(phone, session, inbound)` -> the text to answer, or None for no answer (Claude in claude.py later;
-  `OfflineAssistant` here: deterministic, no network);
-- `Outbox.send_text(phone, text, reply_to)` -> delivers it (the WhatsApp Cloud API later; `LogOutbox` here: logs
-  that a reply was sent, never its text).
-The reply is recorded in the session (role "assistant") and made durable before it is sent, so the history
-Natalia sees next time, after a crash too, holds everything the customer was sent. A failure of either side is
-logged without content, counted, and never stops the worker.
+The reply state is in the journal, so a crash never loses a reply and repeats at most one message
+(README, "Replies after a crash"):
+    claimed   the user message and its wamid, one record (intake.py)
+    intent    the assistant message (its readable record), the photo progress and the parts to send, one record,
+              made durable before anything is sent: `meta.pending = {parts, reply_to}`
+    sent      after each part WhatsApp accepted, `meta.sent_parts` moves on; after the last, `pending` is removed
+At start (`resume`), every session within the 24-hour window whose reply is pending is finished, and every one
+whose newest message is from the customer is answered — once. Only a crash between a part's send and its record
+can send that part twice.
+
+WhatsApp accepts free-form messages only within 24 hours of the customer's last message: outside it a pending
+reply is dropped (counted). A send refused for good (window closed, undeliverable, rejected) drops the reply; one
+that failed for now (token, rate limit, server, network: after graph.py's retries) stays pending and is retried at
+the customer's next message or the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, TextIO
 
 import structlog
 
 from . import sessions
-from .errors import NataliaError, NotFoundError, StoreUnavailable
+from .assistant import Assistant, Outgoing, PhotoTool, pending_user_text, record_text
+from .catalog import Catalog
+from .errors import NataliaError, NotFoundError, SendError, StoreUnavailable
 from .metrics import Metrics
 from .store import Store
-from .whatsapp import Inbound
 
 log = structlog.get_logger("natalia_secure.replies")
 
 DEGRADED_RETRY_S = 1.0  # how often a reply waiting on a degraded store looks again (maintenance retries every 10 s)
-
-
-class Assistant(Protocol):
-    async def reply(self, phone: str, session: sessions.Session, inbound: Inbound) -> str | None: ...
+WINDOW_MS = 24 * 3600 * 1000  # WhatsApp's customer service window
+DROP_KINDS = ("window_closed", "undeliverable", "rejected")  # graph.SendError kinds that no retry will fix
 
 
 class Outbox(Protocol):
-    async def send_text(self, phone: str, text: str, reply_to: str | None) -> None: ...
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str: ...
 
-
-class OfflineAssistant:
-    """A deterministic Natalia that needs no network: greets a new customer, then acknowledges each message."""
-
-    async def reply(self, phone: str, session: sessions.Session, inbound: Inbound) -> str | None:
-        users = sum(1 for m in session["messages"] if m["role"] == "user")
-        if users <= 1:
-            return "¡Hola! Soy Natalia 😊 ¿En qué te puedo ayudar hoy?"
-        return "Gracias por tu mensaje. Lo he anotado y te respondo enseguida."
+    async def mark_read(self, message_id: str, typing: bool = False) -> None: ...
 
 
 class LogOutbox:
-    """Sends nothing: logs each reply (length only) and counts them. For running without WhatsApp credentials."""
+    """Sends nothing: logs that a part went out (its kind and length, never its content). No WhatsApp credentials
+    and no terminal: a daemon that would otherwise print conversations into the journal."""
 
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send_text(self, phone: str, text: str, reply_to: str | None) -> None:
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
         self.sent += 1
-        log.info("reply_sent", phone=phone, chars=len(text), outbox="log")
+        log.debug("reply_part_logged", phone=to, kind="image" if part.image else "text", chars=len(part.text or ""))
+        return f"logged.{self.sent}"
+
+    async def mark_read(self, message_id: str, typing: bool = False) -> None:
+        return None
+
+
+class TerminalOutbox:
+    """Prints what would be sent, for a person at a terminal (the demo; `NATALIA_OUTBOX=terminal`)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.sent = 0
+
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+        self.sent += 1
+        if part.image is not None:
+            where = part.image.link or f"media {part.image.media_id}"
+            line = f"📷 {part.image.caption or ''} <{where}>".replace("  ", " ")
+        else:
+            line = (part.text or "").replace("\n", "\n" + " " * 24)
+        self.stream.write(f"  Natalia → {to}: {line}\n")
+        self.stream.flush()
+        return f"terminal.{self.sent}"
+
+    async def mark_read(self, message_id: str, typing: bool = False) -> None:
+        return None
+
+
+def _newer_than(messages: list[dict[str, Any]], last_seen: dict[str, Any]) -> int:
+    """How many messages follow `last_seen` (searched from the end): those added since it was read."""
+    for k, message in enumerate(reversed(messages)):
+        if message == last_seen:
+            return k
+    return 0
 
 
 class Conversations:
@@ -72,16 +107,21 @@ class Conversations:
         assistant: Assistant,
         outbox: Outbox,
         metrics: Metrics,
+        catalog: Catalog,
         concurrency: int = 32,
+        *,
+        typing: bool = False,
         clock: Callable[[], int] | None = None,
     ) -> None:
         self.store = store
         self.assistant = assistant
         self.outbox = outbox
         self.metrics = metrics
+        self.catalog = catalog
+        self.typing = typing
         self.clock = clock or store.clock
         self._slots = asyncio.Semaphore(concurrency)
-        self._queues: dict[str, deque[tuple[Inbound, int]]] = {}
+        self._queues: dict[str, deque[tuple[str | None, int]]] = {}  # phone -> (wamid or None for a resume, lsn)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
 
@@ -90,27 +130,27 @@ class Conversations:
         """Messages accepted and not yet answered."""
         return sum(len(q) for q in self._queues.values())
 
-    def submit(self, inbound: Inbound, lsn: int) -> None:
-        """Answer `inbound` (whose record is `lsn`) after the phone's earlier messages, once it is durable."""
-        queue = self._queues.setdefault(inbound.phone, deque())
-        queue.append((inbound, lsn))
-        if inbound.phone not in self._workers:
-            self._workers[inbound.phone] = asyncio.create_task(self._work(inbound.phone))
+    def submit(self, phone: str, message_id: str | None, lsn: int) -> None:
+        """Answer the phone's messages up to record `lsn` (after its earlier ones), once it is durable."""
+        self._queues.setdefault(phone, deque()).append((message_id, lsn))
+        if phone not in self._workers:
+            self._workers[phone] = asyncio.create_task(self._work(phone))
 
     async def _work(self, phone: str) -> None:
         queue = self._queues[phone]
         try:
             while queue:
-                inbound, lsn = queue[0]
-                if not await self._durable(lsn):
-                    return  # closing: left for the restart to find (claimed, no reply yet)
+                batch = list(queue)  # everything queued so far is answered by one reply
+                if not await self._durable(max(lsn for _, lsn in batch)):
+                    return  # closing: left for the restart to find (claimed, not answered)
                 async with self._slots:
-                    await self._answer(phone, inbound)
-                queue.popleft()
+                    await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
+                for _ in batch:
+                    queue.popleft()
         finally:
             if not queue:
-                del self._queues[phone]
-            del self._workers[phone]
+                self._queues.pop(phone, None)
+            self._workers.pop(phone, None)
 
     async def _durable(self, lsn: int) -> bool:
         while True:
@@ -122,34 +162,121 @@ class Conversations:
                     return False
                 await asyncio.sleep(DEGRADED_RETRY_S)
 
-    async def _answer(self, phone: str, inbound: Inbound) -> None:
+    async def _turn(self, phone: str, reply_to: str | None) -> None:
+        """Finish a pending reply, then answer what is new (if anything)."""
         try:
-            session = self.store.get(phone)
-        except NotFoundError:  # forgotten (purged) between acceptance and reply: nothing to answer
-            return
-        try:
-            text = await self.assistant.reply(phone, session, inbound)
-            if not text:
-                self.metrics.replies.labels("none").inc()
+            try:
+                if self.store.view(phone).get(sessions.META, {}).get("pending"):
+                    await self._deliver(phone)
+                view = self.store.view(phone)
+            except NotFoundError:  # forgotten (purged) between acceptance and reply: nothing to answer
                 return
-            # durable before it is sent: what the customer reads is always in the history a restart loads
-            await self.store.wait_durable(self.store.add_message(phone, "assistant", text, self.clock()))
-            await self.outbox.send_text(phone, text, inbound.id)
+            # a consistent snapshot without a JSON copy: messages are never changed in place, only appended or dropped
+            session = {**view, "messages": list(view["messages"])}
+            if not pending_user_text(session):
+                return  # answered already (a resume of what was answered meanwhile)
+            if reply_to is not None:
+                await self.outbox.mark_read(reply_to, self.typing)
+            if not self._in_window(session):
+                self.metrics.window_closed.inc()
+                log.info("reply_skipped", phone=phone, reason="24-hour window closed")
+                return
+            await self._reply(phone, session, reply_to)
         except asyncio.CancelledError:
             raise
         except (NataliaError, OSError) as exc:
             self.metrics.replies.labels("failed").inc()
             log.error("reply_failed", phone=phone, error_type=type(exc).__name__, error=str(exc))
-            return
         except Exception as exc:  # an assistant or outbox bug must not end this phone's conversation
             self.metrics.replies.labels("failed").inc()
             log.exception("reply_failed", phone=phone, error_type=type(exc).__name__)
+
+    def _in_window(self, session: sessions.Session) -> bool:
+        last_user = max((m["timestamp"] for m in session["messages"] if m["role"] == "user"), default=0)
+        return bool(self.clock() - last_user <= WINDOW_MS)
+
+    async def _reply(self, phone: str, session: sessions.Session, reply_to: str | None) -> None:
+        state = session.get(sessions.META, {})
+        photos = PhotoTool(self.catalog, dict(state.get("photos", {})), last_album=state.get("last_album"))
+        text = (await self.assistant.reply(session, photos)).strip()
+        parts = ([Outgoing(text=text)] if text else []) + photos.outgoing()
+        if not parts:
+            self.metrics.replies.labels("none").inc()
             return
+        meta: dict[str, Any] = {
+            "photos": photos.sent or None,
+            "last_album": photos.last_album,
+            "pending": {"parts": [p.to_json() for p in parts], "reply_to": reply_to},
+            "sent_parts": None,
+        }
+        # Messages that arrived while the reply was being made were not read by the assistant: the reply goes
+        # before them in the history, so they stay unanswered (assistant.pending_user_text) for the next turn.
+        newer = _newer_than(self.store.view(phone)["messages"], session["messages"][-1])
+        # the intent: durable before anything is sent, so a crash resends rather than forgets
+        text_record = record_text(text, photos)
+        lsn = self.store.add_message(phone, "assistant", text_record, self.clock(), meta=meta, before_last=newer)
+        await self.store.wait_durable(lsn)
+        await self._deliver(phone)
+
+    async def _deliver(self, phone: str) -> None:
+        session = self.store.view(phone)
+        state = session.get(sessions.META, {})
+        pending, done = state.get("pending"), int(state.get("sent_parts", 0))
+        if not pending:
+            return
+        if not self._in_window(session):
+            self.metrics.window_closed.inc()
+            self.store.set_meta(phone, {"pending": None, "sent_parts": None})
+            log.info("reply_dropped", phone=phone, reason="24-hour window closed")
+            return
+        parts = [Outgoing.from_json(p) for p in pending["parts"]]
+        for i in range(done, len(parts)):
+            try:
+                await self.outbox.send(phone, parts[i], pending.get("reply_to") if i == 0 else None)
+            except SendError as exc:
+                self.metrics.replies.labels("failed").inc()
+                if exc.kind in DROP_KINDS:
+                    self.store.set_meta(phone, {"pending": None, "sent_parts": None})
+                    if exc.kind == "window_closed":
+                        self.metrics.window_closed.inc()
+                    log.warning("reply_dropped", phone=phone, reason=exc.kind, code=exc.code)
+                else:  # for now: kept, retried at the customer's next message or the next start
+                    log.warning("reply_deferred", phone=phone, reason=exc.kind, code=exc.code, parts_left=len(parts) - i)
+                return
+            last = i + 1 == len(parts)
+            sent = self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": i + 1})
+            if sent is not None:  # made durable at once: the window in which a crash repeats this part is one fsync
+                await self.store.wait_durable(sent)
         self.metrics.replies.labels("sent").inc()
+
+    # ---- start and stop ----
+
+    async def resume(self, slice_ms: float = 5.0) -> int:
+        """After a start: finish pending replies and answer unanswered messages inside the 24-hour window.
+        Sessions are read in slices between which the loop serves webhooks; returns how many were queued."""
+        horizon = self.clock() - WINDOW_MS
+        queued = 0
+        t0 = time.perf_counter()
+        for phone in self.store.phones():
+            if time.perf_counter() - t0 > slice_ms / 1000:
+                await asyncio.sleep(0)
+                t0 = time.perf_counter()
+            if phone in self._queues or phone not in self.store:
+                continue  # a new message got there first: its turn answers everything
+            session = self.store.get(phone)  # a copy: a view would keep every session decoded (4x memory)
+            if session["lastActivity"] < horizon:
+                continue
+            if session.get(sessions.META, {}).get("pending") or pending_user_text(session):
+                self.submit(phone, None, 0)
+                self.metrics.resumed.inc()
+                queued += 1
+        if queued:
+            log.info("replies_resumed", sessions=queued)
+        return queued
 
     async def close(self, timeout: float) -> int:
         """Let replies in progress finish for up to `timeout` seconds, then cancel the rest; returns how many
-        accepted messages were left unanswered (they are durable and claimed: the restart sees them)."""
+        accepted messages were left unanswered (they are durable and claimed: the restart answers them)."""
         self._closing = True
         workers = list(self._workers.values())
         if workers:

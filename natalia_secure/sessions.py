@@ -23,20 +23,48 @@ ROLES = ("user", "assistant")
 MAX_PHONE_LEN = 128
 
 Session = dict[str, Any]
+# The daemon's own state in a session (photos sent per album, a reply not yet confirmed sent): one extra field,
+# absent when empty, so imported sessions and the legacy shape round-trip untouched.
+META = "natalia"
 
 
 def new_session(timestamp: int) -> Session:
     return {"messages": [], "lastActivity": timestamp, "firstInteraction": timestamp}
 
 
-def append_message(session: Session, role: str, content: str, timestamp: int, max_messages: int = MAX_MESSAGES) -> None:
-    """Add one message, dropping the oldest beyond `max_messages`; activity never moves backwards."""
+def append_message(
+    session: Session, role: str, content: str, timestamp: int, max_messages: int = MAX_MESSAGES, before_last: int = 0
+) -> None:
+    """Add one message, dropping the oldest beyond `max_messages`; activity never moves backwards. `before_last`
+    puts it that many messages before the end (a reply goes after the messages it answered, before newer ones)."""
     messages = session["messages"]
-    messages.append({"role": role, "content": content, "timestamp": timestamp})
+    message = {"role": role, "content": content, "timestamp": timestamp}
+    if before_last > 0:
+        messages.insert(max(0, len(messages) - before_last), message)
+    else:
+        messages.append(message)
     if len(messages) > max_messages:
         del messages[: len(messages) - max_messages]
     session["lastActivity"] = max(session.get("lastActivity", timestamp), timestamp)
     session.setdefault("firstInteraction", timestamp)
+
+
+def check_meta(meta: object) -> dict[str, Any]:
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise InputError("session state must be an object with string keys")
+    return meta
+
+
+def update_meta(session: Session, meta: dict[str, Any]) -> None:
+    """Set each key of `meta` in the session's state; a None value removes the key."""
+    state = session.setdefault(META, {})
+    for key, value in meta.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+    if not state:
+        del session[META]
 
 
 def is_inactive(session: Session, now_ms: int, max_idle_ms: int) -> bool:

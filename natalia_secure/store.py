@@ -90,7 +90,8 @@ class Store:
         self._table: dict[str, bytes | sessions.Session] = {}  # bytes: cold (as on disk); dict: hot (changed)
         self._hot: set[str] = set()  # to encode before the next snapshot: hot dicts, and cold bytes with a tail
         # messages added to a cold session, applied when it is next encoded or read: no decode on the request path
-        self._tails: dict[str, list[tuple[str, str, int]]] = {}
+        # (role, content, ts, meta); role None: a meta change alone
+        self._tails: dict[str, list[dict[str, Any]]] = {}  # the ops themselves, applied in order by _change
         self._changed: set[str] = set()  # changed or removed since the last snapshot: the next delta's content
         self._claims: dict[str, int] = {}  # message id -> claimed at (ms)
         self._new_claims: set[str] = set()  # claimed since the last snapshot: a delta carries only these
@@ -263,17 +264,26 @@ class Store:
             phone = op["phone"]
             value = self._table.get(phone)
             if isinstance(value, bytes):  # cold: no decode on the request path (measured: it halved throughput)
-                self._tails.setdefault(phone, []).append((op["role"], op["content"], op["ts"]))
+                self._tails.setdefault(phone, []).append(op)
                 self._hot.add(phone)
             else:
                 if value is None:
                     value = self._table[phone] = sessions.new_session(op["ts"])
                     self._hot.add(phone)
-                sessions.append_message(value, op["role"], op["content"], op["ts"], self.options.max_messages)
+                self._change(value, op)
             self._changed.add(phone)
             if "id" in op:
                 self._claims[op["id"]] = op["ts"]
                 self._new_claims.add(op["id"])
+        elif kind == "meta":
+            phone = op["phone"]
+            value = self._table.get(phone)
+            if isinstance(value, bytes):
+                self._tails.setdefault(phone, []).append(op)
+                self._hot.add(phone)
+            elif value is not None:
+                self._change(value, op)
+            self._changed.add(phone)
         elif kind == "purge":
             self._table.pop(op["phone"], None)
             self._hot.discard(op["phone"])
@@ -285,6 +295,14 @@ class Store:
         else:
             raise KeyError(f"unknown op {kind!r}")
 
+    def _change(self, session: sessions.Session, op: dict[str, Any]) -> None:
+        """A message or meta op applied to one session (live, on replay, or from a cold session's tail)."""
+        if op["op"] == "message":
+            before = op.get("before", 0)
+            sessions.append_message(session, op["role"], op["content"], op["ts"], self.options.max_messages, before)
+        if "meta" in op:
+            sessions.update_meta(session, op["meta"])
+
     def _current(self, phone: str, consume: bool = False) -> sessions.Session:
         """The session as it stands: the hot dict, or the cold bytes decoded (a copy) with its tail applied."""
         value = self._table[phone]
@@ -292,8 +310,8 @@ class Store:
             return value
         session = sessions.decode(value)
         tail = self._tails.pop(phone, ()) if consume else self._tails.get(phone, ())
-        for role, content, ts in tail:
-            sessions.append_message(session, role, content, ts, self.options.max_messages)
+        for op in tail:
+            self._change(session, op)
         return session
 
     def _record(self, op: dict[str, Any]) -> int:
@@ -314,15 +332,31 @@ class Store:
 
     # ---- the change interface ----
 
-    def add_message(self, phone: str, role: str, content: str, timestamp: int, message_id: str | None = None) -> int:
+    def add_message(
+        self,
+        phone: str,
+        role: str,
+        content: str,
+        timestamp: int,
+        message_id: str | None = None,
+        meta: dict[str, Any] | None = None,
+        before_last: int = 0,
+    ) -> int:
         """Append one message to a phone's session (created if new); returns the record's lsn.
 
         With `message_id` (WhatsApp's wamid) the message and its dedup claim are one record, durable together or
-        not at all; an id already claimed is refused (ask `claim_lsn` first)."""
+        not at all; an id already claimed is refused (ask `claim_lsn` first). `meta` changes the session's
+        daemon state (sessions.update_meta) in the same record: a reply and its delivery state are one change."""
         sessions.check_phone(phone)
         if role not in sessions.ROLES or not isinstance(content, str) or type(timestamp) is not int:
             raise InputError("a message needs role user|assistant, text content and an integer timestamp")
         op: dict[str, Any] = {"op": "message", "phone": phone, "role": role, "content": content, "ts": timestamp}
+        if meta is not None:
+            op["meta"] = sessions.check_meta(meta)
+        if before_last:
+            if type(before_last) is not int or before_last < 0:
+                raise InputError("before_last must be a non-negative integer")
+            op["before"] = before_last
         if message_id is not None:
             self._check_claimable(message_id)
             op["id"] = message_id
@@ -342,6 +376,32 @@ class Store:
         lsn = self._record({"op": "claim", "id": message_id, "ts": timestamp})
         self._claim_lsn[message_id] = lsn
         return lsn
+
+    def set_meta(self, phone: str, meta: dict[str, Any]) -> int | None:
+        """Change a session's daemon state (e.g. a reply was sent); None if there is no such session."""
+        if phone not in self._table:
+            return None
+        return self._record({"op": "meta", "phone": phone, "meta": sessions.check_meta(meta)})
+
+    def meta(self, phone: str) -> dict[str, Any]:
+        """A copy of the session's daemon state ({} if none or no session)."""
+        if phone not in self._table:
+            return {}
+        state: dict[str, Any] = self.view(phone).get(sessions.META, {})
+        return orjson.loads(orjson.dumps(state))  # type: ignore[no-any-return]
+
+    def view(self, phone: str) -> sessions.Session:
+        """The live session, for the reply path: the caller must never change it (changes go through records).
+        A cold session is decoded once and kept as a dict until the next snapshot re-encodes it: a conversation
+        in progress is read several times per reply, and a JSON copy each time cost 20-200 us (bench/webhook.py)."""
+        value = self._table.get(phone)
+        if value is None:
+            raise NotFoundError("no session for that phone")
+        if isinstance(value, bytes):
+            value = self._current(phone, consume=True)
+            self._table[phone] = value
+            self._hot.add(phone)
+        return value
 
     def _check_claimable(self, message_id: str) -> None:
         if not isinstance(message_id, str) or not 0 < len(message_id) <= 512:

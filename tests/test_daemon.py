@@ -423,5 +423,5 @@ def test_a_reload_that_fails_late_changes_nothing(
     assert "app secret" in d.event("reload_failed")["error"]
     failed_at = time.monotonic()
     assert d.post(body("wamid.RL1", PHONES[0], "sigo"))[0] == 200
-    d.until(lambda: any(e.get("event") == "webhook" and e["_t"] > failed_at for e in d.events))
+    d.until(lambda: any(e.get("event") == "session_new" and e["_t"] > failed_at for e in d.events))
     assert d.stop() == 0

@@ -1,156 +1,276 @@
-"""Replies as the daemon schedules them (replies.py), on a real store: one at a time per phone in arrival order,
-phones concurrently up to the bound, only once the message is durable, failures contained, and a bounded close."""
+"""Replies as the daemon schedules them (replies.py), on a real store: one turn at a time per phone in arrival order,
+phones concurrently up to the bound, only once the message is durable; the reply's intent durable before it is sent;
+photos through the shared tool; the 24-hour window; send failures dropped or deferred; resume after a crash."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 
-from natalia_secure import sessions
+import pytest
+
+from natalia_secure import catalog, sessions
+from natalia_secure.assistant import Outgoing, PhotoTool, pending_user_text
+from natalia_secure.errors import SendError
 from natalia_secure.metrics import Metrics
-from natalia_secure.replies import Conversations, OfflineAssistant
+from natalia_secure.natalia import OfflineNatalia
+from natalia_secure.replies import WINDOW_MS, Conversations
 from natalia_secure.store import Store
-from natalia_secure.whatsapp import Inbound
 
-
-def inbound(phone: str, n: int, text: str | None = None) -> Inbound:
-    return Inbound(f"wamid.{phone}.{n}", phone, 1_770_000_000_000, "text", text or f"m{n}")
+CATALOG = catalog.load(None)
+PHONE = "34600000001"
 
 
 @dataclass
 class SlowAssistant:
-    """Answers with the text it was given, after `delay`; records how many replies run at once."""
+    """Answers "re: <the texts it answers>" after `delay`; records how many replies run at once."""
 
     delay: float = 0.02
     running: int = 0
     most: int = 0
-    seen: list[tuple[str, str]] = field(default_factory=list)
+    answered: list[tuple[str, list[str]]] = field(default_factory=list)
     fail_on: str | None = None
 
-    async def reply(self, phone: str, session: sessions.Session, message: Inbound) -> str | None:
+    async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
         self.running += 1
         self.most = max(self.most, self.running)
         try:
             await asyncio.sleep(self.delay)
-            self.seen.append((phone, message.text))
-            if message.text == self.fail_on:
+            texts = pending_user_text(session)
+            self.answered.append((session["messages"][0]["content"], texts))
+            if self.fail_on in texts:
+                self.fail_on = None  # once
                 raise RuntimeError("assistant bug")
-            return f"re: {message.text}"
+            return "re: " + " + ".join(texts)
         finally:
             self.running -= 1
 
 
 @dataclass
 class Recorder:
-    sent: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """An outbox that keeps what it was asked to send; `fail` holds SendErrors to raise first."""
 
-    async def send_text(self, phone: str, text: str, reply_to: str | None) -> None:
-        self.sent.append((phone, text, reply_to))
+    store: Store | None = None
+    sent: list[tuple[str, Outgoing, str | None]] = field(default_factory=list)
+    reads: list[str] = field(default_factory=list)
+    fail: list[SendError] = field(default_factory=list)
+    durable_at_send: list[bool] = field(default_factory=list)
+
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+        if self.store is not None and self.store._journal is not None and reply_to is not None:  # a reply's first part
+            self.durable_at_send.append(self.store._journal.durable_lsn >= self.store.lsn)  # the intent is durable
+        if self.fail:
+            raise self.fail.pop(0)
+        self.sent.append((to, part, reply_to))
+        return f"wamid.out.{len(self.sent)}"
+
+    async def mark_read(self, message_id: str, typing: bool = False) -> None:
+        self.reads.append(message_id)
+
+    def texts(self, phone: str = PHONE) -> list[str]:
+        return [p.text or "" for to, p, _ in self.sent if to == phone and p.text is not None]
 
 
-async def accept(store: Store, conversations: Conversations, message: Inbound) -> None:
-    lsn = store.add_message(message.phone, "user", message.text, store.clock(), message_id=message.id)
-    conversations.submit(message, lsn)
+def conversations(store: Store, assistant: object, outbox: Recorder, **kw: object) -> Conversations:
+    return Conversations(store, assistant, outbox, Metrics(), CATALOG, **kw)  # type: ignore[arg-type]
 
 
-async def settle(conversations: Conversations) -> None:
+def accept(store: Store, conv: Conversations, phone: str, text: str, n: int) -> None:
+    wamid = f"wamid.{phone}.{n}"
+    conv.submit(phone, wamid, store.add_message(phone, "user", text, store.clock(), message_id=wamid))
+
+
+async def settle(conv: Conversations) -> None:
     for _ in range(1000):
-        if not conversations.pending:
+        if not conv.pending:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("did not settle")
 
 
-def test_one_reply_at_a_time_per_phone_in_arrival_order_and_phones_in_parallel(store: Store) -> None:
-    """Five messages each from six phones, concurrency 3: each phone's replies follow its messages' order, at most
-    three replies run at once, and more than one does."""
+def sample(conv: Conversations, name: str, **labels: str) -> float:
+    return conv.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_turns_per_phone_in_order_and_phones_in_parallel_up_to_the_bound(store: Store) -> None:
+    """Five messages each from six phones, concurrency 3: every message answered exactly once and in order (messages
+    that arrive during a turn are answered together by the next), at most three turns at once and more than one."""
 
     async def go() -> None:
         assistant, outbox = SlowAssistant(), Recorder()
-        conversations = Conversations(store, assistant, outbox, Metrics(), concurrency=3)
+        conv = conversations(store, assistant, outbox, concurrency=3)
         phones = [f"3460000000{i}" for i in range(6)]
         for n in range(5):
             for phone in phones:
-                await accept(store, conversations, inbound(phone, n))
-        await settle(conversations)
+                accept(store, conv, phone, f"{phone[-1]}m{n}", n)
+            await asyncio.sleep(0.005)
+        await settle(conv)
         assert assistant.most == 3
         for phone in phones:
-            assert [t for p, t in assistant.seen if p == phone] == [f"m{n}" for n in range(5)]
-            assert [t for p, t, _ in outbox.sent if p == phone] == [f"re: m{n}" for n in range(5)]
-            assert [m["role"] for m in store.get(phone)["messages"]].count("assistant") == 5
-        await conversations.close(1)
+            answered = [t for first, texts in assistant.answered if first == f"{phone[-1]}m0" for t in texts]
+            assert answered == [f"{phone[-1]}m{n}" for n in range(5)]
+            session = store.get(phone)
+            assert pending_user_text(session) == [] and "natalia" not in session  # nothing pending afterwards
 
     asyncio.run(go())
 
 
-def test_the_reply_is_recorded_in_the_session_and_sent_to_the_message(store: Store) -> None:
-    """The offline Natalia greets a first message; the reply is in the history (role assistant) and answers its wamid."""
+def test_the_legacy_scenario_with_photos_through_the_offline_natalia(store: Store) -> None:
+    """Hola -> greeting; fotos de salado -> text + photos 1-3; más fotos -> 4-6; más fotos -> none left, said so. The
+    session holds each reply as readable text and the photo progress; the inbound message is marked read."""
 
     async def go() -> None:
-        outbox = Recorder()
-        conversations = Conversations(store, OfflineAssistant(), outbox, Metrics())
-        await accept(store, conversations, inbound("34600000001", 0, "Hola"))
-        await settle(conversations)
-        phone, text, reply_to = outbox.sent[0]
-        assert (phone, reply_to) == ("34600000001", "wamid.34600000001.0") and "Natalia" in text
-        assert store.get(phone)["messages"][-1] == {
-            "role": "assistant",
-            "content": text,
-            "timestamp": store.get(phone)["lastActivity"],
-        }
+        outbox = Recorder(store)
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        for n, text in enumerate(["Hola", "Quiero fotos de salado", "¿Tienes más fotos?", "¿Tienes más fotos?"]):
+            accept(store, conv, PHONE, text, n)
+            await settle(conv)
+        images = [p.image.caption for _, p, _ in outbox.sent if p.image is not None]  # type: ignore[union-attr]
+        assert images == [i.caption for i in CATALOG.albums["salado"].images]
+        texts = outbox.texts()
+        assert texts[0].startswith("¡Hola! Soy Natalia") and "fotos de Salado" in texts[1] and "más fotos de Salado" in texts[2]
+        assert "todas las fotos de Salado" in texts[3]
+        session = store.get(PHONE)
+        assert len(session["messages"]) == 8
+        assert session["messages"][3]["content"].endswith("[fotos enviadas: Salado 1-3]")
+        assert session["messages"][5]["content"].endswith("[fotos enviadas: Salado 4-6]")
+        assert store.meta(PHONE) == {"photos": {"salado": 6}, "last_album": "salado"}
+        assert outbox.reads == [f"wamid.{PHONE}.{n}" for n in range(4)]
+        assert all(outbox.durable_at_send)
+        assert outbox.sent[0][2] == f"wamid.{PHONE}.0"  # the reply quotes the message it answers
 
     asyncio.run(go())
 
 
-def test_no_reply_before_the_message_is_durable(store: Store) -> None:
-    """A reply waits for the message's fsync: when the assistant runs, the message's record is already durable."""
+def test_no_reply_before_the_message_and_its_intent_are_durable(store: Store) -> None:
+    """The assistant runs after the message's fsync; the outbox is called after the intent's fsync."""
 
     async def go() -> None:
-        durable_when_asked: list[bool] = []
+        seen: list[bool] = []
 
         class Checking(SlowAssistant):
-            async def reply(self, phone: str, session: sessions.Session, message: Inbound) -> str | None:
-                durable_when_asked.append(store._journal is not None and store._journal.durable_lsn >= store.lsn)
+            async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
+                seen.append(store._journal is not None and store._journal.durable_lsn >= store.lsn)
                 return "ok"
 
-        conversations = Conversations(store, Checking(), Recorder(), Metrics())
-        await accept(store, conversations, inbound("34600000001", 0))
-        await settle(conversations)
-        assert durable_when_asked == [True]
+        outbox = Recorder(store)
+        conv = conversations(store, Checking(), outbox)
+        accept(store, conv, PHONE, "hola", 0)
+        await settle(conv)
+        assert seen == [True] and outbox.durable_at_send == [True]
 
     asyncio.run(go())
 
 
 def test_a_failing_assistant_is_counted_and_the_conversation_goes_on(store: Store) -> None:
-    """A bug in the assistant fails one reply (counted as failed, logged), not the phone's later messages."""
+    """A bug in the assistant fails one turn (counted, logged), not the phone's later messages."""
 
     async def go() -> None:
-        metrics = Metrics()
         outbox = Recorder()
-        conversations = Conversations(store, SlowAssistant(delay=0, fail_on="m1"), outbox, metrics)
+        conv = conversations(store, SlowAssistant(delay=0, fail_on="m1"), outbox)
         for n in range(3):
-            await accept(store, conversations, inbound("34600000001", n))
-        await settle(conversations)
-        assert [t for _, t, _ in outbox.sent] == ["re: m0", "re: m2"]
-        assert metrics.registry.get_sample_value("natalia_replies_total", {"outcome": "failed"}) == 1
-        assert metrics.registry.get_sample_value("natalia_replies_total", {"outcome": "sent"}) == 2
+            accept(store, conv, PHONE, f"m{n}", n)
+            await settle(conv)
+        assert outbox.texts() == ["re: m0", "re: m1 + m2"]  # the failed turn's message is answered by the next
+        assert sample(conv, "natalia_replies_total", outcome="failed") == 1
+        assert sample(conv, "natalia_replies_total", outcome="sent") == 2
+
+    asyncio.run(go())
+
+
+def test_nothing_is_sent_outside_the_24_hour_window(store: Store) -> None:
+    """A message answered (e.g. resumed) more than 24 h after it arrived: no free-form reply, counted."""
+
+    async def go() -> None:
+        later = [store.clock()]
+        outbox = Recorder()
+        conv = conversations(store, SlowAssistant(delay=0), outbox, clock=lambda: later[0])
+        store.add_message(PHONE, "user", "hola", later[0], message_id="wamid.W")
+        store.flush()
+        later[0] += WINDOW_MS + 1
+        assert await conv.resume() == 0  # resume looks only at sessions active within the window
+        conv.submit(PHONE, "wamid.W", 0)  # and a turn checks it again before anything is made
+        await settle(conv)
+        assert outbox.sent == [] and sample(conv, "natalia_window_closed_total") == 1
+        later[0] -= 2  # inside the window again (another customer would have written meanwhile)
+        assert await conv.resume() == 1
+        await settle(conv)
+        assert outbox.texts() == ["re: hola"]
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("kind", "kept"),
+    [
+        ("window_closed", False),
+        ("undeliverable", False),
+        ("rejected", False),
+        ("server", True),
+        ("rate", True),
+        ("token", True),
+        ("transport", True),
+    ],
+)
+def test_a_refused_send_drops_the_reply_and_a_failed_one_keeps_it_for_later(store: Store, kind: str, kept: bool) -> None:
+    """Refused for good: dropped. Failed for now: kept pending, and the customer's next message first delivers it."""
+
+    async def go() -> None:
+        outbox = Recorder(fail=[SendError("refused", code=None, status=None, kind=kind)])
+        conv = conversations(store, SlowAssistant(delay=0), outbox)
+        accept(store, conv, PHONE, "uno", 0)
+        await settle(conv)
+        assert outbox.sent == [] and bool(store.meta(PHONE).get("pending")) is kept
+        accept(store, conv, PHONE, "dos", 1)
+        await settle(conv)
+        assert outbox.texts() == (["re: uno", "re: dos"] if kept else ["re: dos"])
+        assert store.meta(PHONE) == {}
+
+    asyncio.run(go())
+
+
+def test_resume_finishes_a_reply_cut_between_its_parts_and_answers_the_unanswered(state_dir: str, master: object) -> None:
+    """After a crash: one session had a 4-part reply of which 1 part was sent; another's last message was never
+    answered; a third was answered. Resume sends parts 2-4 of the first, answers the second, leaves the third."""
+
+    async def go() -> None:
+        store = Store.open(state_dir, master)  # type: ignore[arg-type]
+        now = store.clock()
+        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
+        store.add_message("34600000001", "user", "fotos de salado", now, message_id="w1")
+        pending = {"pending": {"parts": [p.to_json() for p in parts], "reply_to": "w1"}, "sent_parts": 1}
+        store.add_message("34600000001", "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
+        store.add_message("34600000002", "user", "hola", now, message_id="w2")
+        store.add_message("34600000003", "user", "hola", now, message_id="w3")
+        store.add_message("34600000003", "assistant", "¡Hola!", now)
+        store.flush()
+        outbox = Recorder()
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        assert await conv.resume() == 2
+        await settle(conv)
+        first = [p for to, p, _ in outbox.sent if to == "34600000001"]
+        assert first == parts[1:]
+        assert outbox.texts("34600000002")[0].startswith("¡Hola!") and outbox.texts("34600000003") == []
+        assert store.meta("34600000001") == {}
+        await conv.close(1)
+        await store.aclose()
 
     asyncio.run(go())
 
 
 def test_close_waits_a_bounded_time_and_reports_what_is_left(store: Store) -> None:
-    """Replies slower than the stop budget are cancelled; close says how many accepted messages were left."""
+    """Turns slower than the stop budget are cancelled; close says how many accepted messages were left."""
 
     async def go() -> None:
-        conversations = Conversations(store, SlowAssistant(delay=5), Recorder(), Metrics(), concurrency=2)
-        for n in range(2):
-            await accept(store, conversations, inbound("34600000001", n))
-        await accept(store, conversations, inbound("34600000002", 0))
+        conv = conversations(store, SlowAssistant(delay=5), Recorder(), concurrency=2)
+        accept(store, conv, "34600000001", "a", 0)
+        accept(store, conv, "34600000001", "b", 1)
+        accept(store, conv, "34600000002", "c", 0)
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        left = await conversations.close(timeout=0.2)
-        assert left == 3 and loop.time() - t0 < 1
+        assert await conv.close(timeout=0.2) == 3
+        assert loop.time() - t0 < 1
 
     asyncio.run(go())
 
@@ -160,10 +280,10 @@ def test_a_session_forgotten_before_its_reply_gets_none(store: Store) -> None:
 
     async def go() -> None:
         outbox = Recorder()
-        conversations = Conversations(store, SlowAssistant(delay=0.05), outbox, Metrics())
-        await accept(store, conversations, inbound("34600000001", 0))
-        store.purge("34600000001")
-        await settle(conversations)
-        assert outbox.sent == [] and "34600000001" not in store
+        conv = conversations(store, SlowAssistant(delay=0.05), outbox)
+        accept(store, conv, PHONE, "hola", 0)
+        store.purge(PHONE)
+        await settle(conv)
+        assert outbox.sent == [] and PHONE not in store
 
     asyncio.run(go())

@@ -565,3 +565,29 @@ def test_a_journal_write_that_hangs_shows_as_a_stall(state_dir: str, master: Mas
 
     before, during, after = asyncio.run(go())
     assert before == 0 and during >= 0.25 and after == 0
+
+
+def test_session_state_travels_with_messages_through_journal_snapshot_and_cold_tails(state_dir: str, master: MasterKey) -> None:
+    """meta on a message and set_meta alone are journaled, replayed, snapshotted and applied to cold sessions in
+    order; a None value removes a key and an empty state leaves no field behind."""
+    phone = "34600000001"
+    with Store.open(state_dir, master) as store:
+        store.add_message(phone, "user", "fotos", 1)
+        store.add_message(phone, "assistant", "aquí", 2, meta={"photos": {"salado": 3}, "pending": {"parts": [1]}})
+        store.flush()
+        store.snapshot()  # the session goes cold (bytes)
+        store.set_meta(phone, {"pending": None})
+        store.add_message(phone, "assistant", "más", 3, meta={"photos": {"salado": 6}})
+        assert store.meta(phone) == {"photos": {"salado": 6}}
+        assert store.set_meta("34699999999", {"x": 1}) is None
+        store.flush()
+    with Store.open(state_dir, master) as store:  # replayed from the journal over the snapshot
+        assert store.meta(phone) == {"photos": {"salado": 6}}
+        assert [m["content"] for m in store.get(phone)["messages"]] == ["fotos", "aquí", "más"]
+        store.set_meta(phone, {"photos": None})
+        store.flush()
+        store.snapshot()
+    with Store.open(state_dir, master, readonly=True) as store:
+        assert store.meta(phone) == {} and "natalia" not in store.get(phone)
+    with Store.open(state_dir, master) as store, pytest.raises(InputError):
+        store.add_message(phone, "user", "x", 4, meta=["not", "a", "dict"])  # type: ignore[arg-type]

@@ -19,13 +19,17 @@ import tornado.httpserver
 import tornado.netutil
 
 from natalia_secure import whatsapp
+from natalia_secure.assistant import Outgoing
+from natalia_secure.catalog import load as load_catalog
 from natalia_secure.intake import Intake, WebhookSecrets
 from natalia_secure.masterkey import MasterKey
 from natalia_secure.metrics import Metrics
-from natalia_secure.replies import Conversations, OfflineAssistant
+from natalia_secure.natalia import OfflineNatalia
+from natalia_secure.replies import Conversations
 from natalia_secure.store import Store, StoreOptions
 from natalia_secure.web import Deps, Health, make_app
 
+CATALOG = load_catalog(None)
 SECRET = b"test-app-secret"
 TOKEN = "test-verify-token"
 T = TypeVar("T")
@@ -39,10 +43,14 @@ def run(coro: Awaitable[T]) -> T:
 class Recorder:
     """An outbox that keeps what it was asked to send."""
 
-    sent: list[tuple[str, str, str | None]] = field(default_factory=list)
+    sent: list[tuple[str, Outgoing, str | None]] = field(default_factory=list)
 
-    async def send_text(self, phone: str, text: str, reply_to: str | None) -> None:
-        self.sent.append((phone, text, reply_to))
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+        self.sent.append((to, part, reply_to))
+        return "wamid.out"
+
+    async def mark_read(self, message_id: str, typing: bool = False) -> None:
+        return None
 
 
 @dataclass
@@ -87,7 +95,7 @@ async def serving(state_dir: str, master: MasterKey, **options: Any) -> AsyncIte
     store = Store.open(state_dir, master, StoreOptions(chunk=4096, **options))
     metrics = Metrics()
     outbox = Recorder()
-    conversations = Conversations(store, OfflineAssistant(), outbox, metrics, concurrency=4)
+    conversations = Conversations(store, OfflineNatalia(CATALOG), outbox, metrics, CATALOG, concurrency=4)
     intake = Intake(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
     server = tornado.httpserver.HTTPServer(make_app(Deps(intake, metrics, health_of(store))), max_body_size=4 * 1024 * 1024)
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)

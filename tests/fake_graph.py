@@ -1,0 +1,256 @@
+"""A fake WhatsApp Graph API on loopback: records what it is sent and answers what a test scripts.
+
+Tornado on 127.0.0.1 (a free port) in a background thread with its own event loop, so sync tests, asyncio tests
+and daemons in subprocesses can all talk to it:
+
+    with FakeGraph() as g:
+        client = GraphClient(g.url, "v24.0", "PNID", "token", metrics)
+        g.script(graph_error(131047), Reply(503, b"<html>busy</html>"))
+        ...
+        assert g.sent_texts() == ["hola"]
+
+Every POST is recorded in `g.requests` (method, path, headers, parsed JSON body, arrival time). Scripted replies
+are used in order, one per request; after them every message gets the real API's 200 answer with a new wamid
+("wamid.OUT1", "wamid.OUT2", ...) and every read receipt `{"success": true}`. `hold()` makes requests wait, unanswered,
+until `release()` (to kill a daemon while its send is in flight). `Reply.drop()` closes the connection instead of
+answering. Error bodies follow Meta's shape: {"error": {"message", "type", "code", "error_subcode"?, "fbtrace_id"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+# Realistic refusals (Meta, "Cloud API > Error codes"): HTTP status and message for each code the client handles.
+ERRORS: dict[int, tuple[int, str, str]] = {
+    131047: (400, "Re-engagement message", "OAuthException"),
+    131026: (400, "Message undeliverable", "OAuthException"),
+    190: (401, "Error validating access token: Session has expired", "OAuthException"),
+    130429: (400, "Rate limit hit", "OAuthException"),
+    131056: (400, "(Business Account, Consumer Account) pair rate limit hit", "OAuthException"),
+    100: (400, "Invalid parameter", "OAuthException"),
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: status, body (a dict/list is sent as JSON, bytes or str as is, None empty), headers."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False  # close the connection without answering (the client sees a transport error)
+
+    @classmethod
+    def dropped(cls) -> Reply:
+        return cls(status=0, drop=True)
+
+
+def graph_error(
+    code: int, status: int | None = None, *, subcode: int | None = None, headers: dict[str, str] | None = None
+) -> Reply:
+    """Meta's error answer for `code` (status from ERRORS, else 400)."""
+    default_status, message, kind = ERRORS.get(code, (400, "An unknown error occurred", "OAuthException"))
+    error: dict[str, Any] = {"message": message, "type": kind, "code": code, "fbtrace_id": "AbCdEfFakeTrace"}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    return Reply(status or default_status, {"error": error}, headers or {})
+
+
+@dataclass
+class Request:
+    """One request as received; `status` is what it was answered (None while held or if dropped)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any  # the parsed body, None if it was not JSON
+    raw: bytes
+    time: float  # time.monotonic() at arrival
+    status: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def is_read(self) -> bool:
+        return isinstance(self.json, dict) and self.json.get("status") == "read"
+
+
+class _Handler(tornado.web.RequestHandler):
+    def initialize(self, graph: FakeGraph) -> None:
+        self.graph = graph
+
+    async def post(self, path: str) -> None:
+        await self.graph._answer(self)
+
+
+class FakeGraph:
+    """The fake server; a context manager (start on enter, stop on exit) or start()/close()."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self._scripted: list[Reply] = []
+        self._wamids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._open = threading.Event()  # set: requests are answered; clear: they wait (hold)
+        self._open.set()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---- lifecycle ----
+
+    def start(self) -> FakeGraph:
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+        self.port = sockets[0].getsockname()[1]
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(sockets),), name="fake-graph", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake Graph API did not start")
+        return self
+
+    def close(self) -> None:
+        self._open.set()  # held requests finish
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already gone
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> FakeGraph:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _serve(self, sockets: list[socket.socket]) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        app = tornado.web.Application([(r"(/.*)", _Handler, {"graph": self})], log_function=lambda handler: None)
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets(sockets)
+        self._ready.set()
+        await self._stop.wait()
+        server.stop()
+        await server.close_all_connections()
+
+    # ---- what a test controls ----
+
+    def script(self, *replies: Reply | tuple[Any, ...]) -> None:
+        """Queue answers, used in order by the next requests: Reply objects or (status, body[, headers]) tuples."""
+        with self._lock:
+            self._scripted.extend(r if isinstance(r, Reply) else Reply(*r) for r in replies)
+
+    def hold(self) -> None:
+        """From now on, requests are recorded but not answered until release()."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[Request]:
+        """Block until at least `count` requests arrived (TimeoutError otherwise); returns them all."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise TimeoutError(f"{len(self.requests)} request(s) arrived, {count} expected")
+            return list(self.requests)
+
+    # ---- what a test reads (answered 2xx only: what WhatsApp took) ----
+
+    def sent(self, to: str | None = None) -> list[dict[str, Any]]:
+        """Bodies of the messages accepted, in order, optionally only those to `to`."""
+        with self._lock:
+            return [
+                r.json
+                for r in self.requests
+                if r.accepted and not r.is_read and isinstance(r.json, dict) and (to is None or r.json.get("to") == to)
+            ]
+
+    def sent_texts(self, to: str | None = None) -> list[str]:
+        return [m["text"]["body"] for m in self.sent(to) if m.get("type") == "text"]
+
+    def sent_images(self, to: str | None = None) -> list[dict[str, Any]]:
+        """The `image` objects accepted: {"link" | "id", "caption"?}."""
+        return [m["image"] for m in self.sent(to) if m.get("type") == "image"]
+
+    def reads(self) -> list[str]:
+        """message_id of every read receipt accepted."""
+        with self._lock:
+            return [r.json["message_id"] for r in self.requests if r.accepted and r.is_read]
+
+    # ---- the server side (runs on the fake's own loop) ----
+
+    def _next_reply(self, request: Request) -> Reply:
+        with self._lock:
+            if self._scripted:
+                return self._scripted.pop(0)
+        if request.is_read:
+            return Reply(200, {"success": True})
+        to = request.json.get("to") if isinstance(request.json, dict) else None
+        return Reply(
+            200,
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": to, "wa_id": to}],
+                "messages": [{"id": f"wamid.OUT{next(self._wamids)}"}],
+            },
+        )
+
+    async def _answer(self, handler: _Handler) -> None:
+        raw = handler.request.body
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        headers = dict(handler.request.headers)
+        request = Request(handler.request.method or "POST", handler.request.path, headers, body, raw, time.monotonic())
+        with self._lock:
+            self.requests.append(request)
+            self._lock.notify_all()
+        while not self._open.is_set():  # polled: hold/release come from other threads
+            await asyncio.sleep(0.005)
+        reply = self._next_reply(request)
+        if reply.drop:
+            handler.request.connection.detach().close()  # type: ignore[union-attr]
+            handler._finished = True  # nothing more to write: Tornado must not finish() a detached connection
+            return
+        handler.set_status(reply.status)
+        for name, value in reply.headers.items():
+            handler.set_header(name, value)
+        if isinstance(reply.body, dict | list):
+            handler.set_header("Content-Type", "application/json")
+            handler.write(orjson.dumps(reply.body))
+        elif reply.body is not None:
+            handler.write(reply.body)
+        with self._lock:
+            request.status = reply.status
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[str]:
+    """A loopback URL nothing listens on (connections are refused): the Graph API unreachable."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    yield f"http://127.0.0.1:{port}"
