@@ -227,6 +227,7 @@ def configure(
 
 
 _access = structlog.get_logger("tornado.access")
+_access_logger = logging.getLogger("tornado.access")  # for a cheap level check
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -234,6 +235,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     # Tornado's own access line logs the full URI: the GET /webhook query carries hub.verify_token, a secret.
     # The client address is left out as well: an IP address is personal data (GDPR recital 30).
     status = handler.get_status()
+    if status < 400 and not _access_logger.isEnabledFor(logging.DEBUG):
+        return  # the common case, cheaply: a 2xx line is debug
     fields: dict[str, Any] = {
         "method": handler.request.method,
         "path": handler.request.path,

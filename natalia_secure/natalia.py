@@ -22,6 +22,8 @@ THANKS = ("gracias", "genial", "perfecto")
 def _plain(text: str) -> str:
     """Lowercase without accents: "¿Tienes MÁS fotos?" -> "¿tienes mas fotos?"."""
     decomposed = unicodedata.normalize("NFKD", text.lower())
+    if decomposed.isascii():
+        return decomposed
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
@@ -62,8 +64,8 @@ class OfflineNatalia:
             others = [a.title for a in self.catalog.albums.values() if a.id != target]
             also = f" ¿Quieres ver {' o '.join(others)}?" if others else ""
             return f"Ya te he enviado todas las fotos de {found.title} que tengo.{also}"
-        users = sum(1 for m in session["messages"] if m["role"] == "user")
-        if _has_word(text, GREETINGS) or users <= 1:
+        first = sum(1 for m in session["messages"][:3] if m["role"] == "user") <= 1 and len(session["messages"]) <= 2
+        if _has_word(text, GREETINGS) or first:
             return f"¡Hola! Soy Natalia 😊 ¿En qué te puedo ayudar? Si quieres, te enseño fotos de {self._titles()}."
         if _has_word(text, THANKS):
             return "¡A ti! Si necesitas algo más, aquí estoy 😊"

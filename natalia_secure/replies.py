@@ -192,7 +192,8 @@ class Conversations:
             log.exception("reply_failed", phone=phone, error_type=type(exc).__name__)
 
     def _in_window(self, session: sessions.Session) -> bool:
-        last_user = max((m["timestamp"] for m in session["messages"] if m["role"] == "user"), default=0)
+        # the newest user message, searched from the end (sessions hold up to 250 messages; this runs per reply)
+        last_user = next((m["timestamp"] for m in reversed(session["messages"]) if m["role"] == "user"), 0)
         return bool(self.clock() - last_user <= WINDOW_MS)
 
     async def _reply(self, phone: str, session: sessions.Session, reply_to: str | None) -> None:
@@ -246,7 +247,7 @@ class Conversations:
             last = i + 1 == len(parts)
             sent = self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": i + 1})
             if sent is not None:  # made durable at once: the window in which a crash repeats this part is one fsync
-                await self.store.wait_durable(sent)
+                self.store.flush_soon()
         self.metrics.replies.labels("sent").inc()
 
     # ---- start and stop ----

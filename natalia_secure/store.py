@@ -477,6 +477,12 @@ class Store:
             self._degrade(str(exc))
             raise
 
+    def flush_soon(self) -> None:
+        """Start a group commit of what is pending without waiting for it (nobody needs the answer, but the record
+        should not sit in memory until the next change: e.g. "this reply part was sent")."""
+        if self._journal is not None and self._journal.has_pending() and not self.degraded:
+            self._group_committer().kick()
+
     async def wait_durable(self, lsn: int) -> None:
         """Return once the record `lsn` (and every one before it) is sealed and fsynced; StoreUnavailable if the
         store is degraded and the record is not durable (it may never be)."""

@@ -425,3 +425,58 @@ def test_a_reload_that_fails_late_changes_nothing(
     assert d.post(body("wamid.RL1", PHONES[0], "sigo"))[0] == 200
     d.until(lambda: any(e.get("event") == "session_new" and e["_t"] > failed_at for e in d.events))
     assert d.stop() == 0
+
+
+def whatsapp_env(graph_url: str) -> dict[str, str]:
+    return {
+        "WHATSAPP_ACCESS_TOKEN": "test-access-token",
+        "WHATSAPP_PHONE_NUMBER_ID": "100000000000001",
+        "WHATSAPP_GRAPH_URL": graph_url,
+    }
+
+
+def test_sigkill_between_the_claim_and_the_reply_gives_exactly_one_reply(
+    tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    """Claude (a fake Messages API on loopback, driven by the real SDK) is asked and holds its answer; the daemon is
+    killed. After the restart the acknowledged message is answered once, through the fake Graph API; a redelivery
+    of it changes nothing."""
+    from .fake_claude import FakeClaude
+    from .fake_graph import FakeGraph
+
+    with FakeClaude() as claude, FakeGraph() as graph:
+        env = {**whatsapp_env(graph.url), "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": claude.url}
+        d = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+        claude.hold()
+        message = body("wamid.SK1", PHONES[0], "Hola")
+        assert d.post(message)[0] == 200
+        assert claude.wait_requests(1, timeout=20)
+        d.kill()
+        claude.release()
+        again = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+        again.until(lambda: len(graph.sent_texts(to=PHONES[0])) == 1)
+        assert again.post(message)[1] == {"messages": 0, "duplicates": 1, "statuses": 0}
+        time.sleep(0.5)
+        assert graph.sent_texts(to=PHONES[0]) == ["echo: Hola"]
+        assert again.stop() == 0
+
+
+def test_sigkill_between_the_reply_intent_and_its_send_sends_it_once(
+    tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    """The reply is decided and durable, WhatsApp answers 500 (the client backs off); the daemon is killed. At start
+    the recorded reply is sent (not a new one) and only once."""
+    from .fake_graph import FakeGraph
+
+    with FakeGraph() as graph:
+        graph.script((500, {"error": {"code": 1, "message": "x"}}), (500, {"error": {"code": 1, "message": "x"}}))
+        d = start(daemons, tmp_path, state_dir, master_key_file, env=whatsapp_env(graph.url)).wait_ready()
+        assert d.post(body("wamid.SK2", PHONES[1], "Hola"))[0] == 200
+        graph.wait_for(2, timeout=20)  # the read receipt and the first attempt at the text, both refused
+        d.kill()
+        again = start(daemons, tmp_path, state_dir, master_key_file, env=whatsapp_env(graph.url)).wait_ready()
+        again.until(lambda: len(graph.sent_texts(to=PHONES[1])) == 1)
+        time.sleep(0.5)
+        texts = graph.sent_texts(to=PHONES[1])
+        assert len(texts) == 1 and texts[0].startswith("¡Hola! Soy Natalia")
+        assert again.stop() == 0
