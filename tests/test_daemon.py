@@ -480,3 +480,31 @@ def test_sigkill_between_the_reply_intent_and_its_send_sends_it_once(
         texts = graph.sent_texts(to=PHONES[1])
         assert len(texts) == 1 and texts[0].startswith("¡Hola! Soy Natalia")
         assert again.stop() == 0
+
+
+def test_an_expired_whatsapp_token_shows_in_health_and_a_reload_with_a_new_one_sends_the_reply(
+    tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    """WhatsApp answers 190: /healthz says the token is invalid (the reply is kept, not dropped); with a new token
+    from the credentials and SIGHUP, the customer's next message delivers the kept reply and its own."""
+    from .fake_graph import FakeGraph, graph_error
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "whatsapp-access-token").write_text("old-token")
+    with FakeGraph() as graph:
+        graph.script(graph_error(190), graph_error(190))  # the read receipt, then the reply
+        env = {**whatsapp_env(graph.url), "WHATSAPP_ACCESS_TOKEN": "", "CREDENTIALS_DIRECTORY": str(creds)}
+        d = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+        assert d.post(body("wamid.T190", PHONES[2], "Hola"))[0] == 200
+        d.until(lambda: d.request("/healthz")[0] == 503)
+        assert b"access token is invalid" in d.request("/healthz")[1]
+        assert d.event("whatsapp_token_invalid")
+        (creds / "whatsapp-access-token").write_text("new-token")
+        d.signal(signal.SIGHUP)
+        d.event("reloaded")
+        assert d.post(body("wamid.T191", PHONES[2], "¿Hola?"))[0] == 200
+        d.until(lambda: len(graph.sent_texts(to=PHONES[2])) == 2)
+        assert graph.requests[-1].headers["Authorization"] == "Bearer new-token"
+        assert d.request("/healthz")[0] == 200
+        assert d.stop() == 0
