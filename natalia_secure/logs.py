@@ -219,10 +219,12 @@ def configure(
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         context_class=dict,
-        # Not cached: a cached logger keeps the processor list it was first used with (structlog docs,
-        # "Performance"), so a later configure() that changes the chain would not reach module-level loggers.
-        # Assembling per call costs microseconds, nothing at a few lines per webhook.
-        cache_logger_on_first_use=False,
+        # Cached (structlog docs, "Performance"): assembling a logger per call cost ~10 us, 2-3 times per webhook
+        # (bench/webhook.py). A cached logger keeps the chain it was first used with, which is safe because every
+        # configure() builds the same chain: the pseudonymiser is one object whose key set_pseudonym_key changes,
+        # the level is checked on the stdlib logger, and the renderer sits in the root handler, replaced here.
+        # (Loggers used before the first configure() are not cached: structlog's default does not cache.)
+        cache_logger_on_first_use=True,
     )
 
 

@@ -144,7 +144,12 @@ class Conversations:
                 if not await self._durable(max(lsn for _, lsn in batch)):
                     return  # closing: left for the restart to find (claimed, not answered)
                 async with self._slots:
-                    await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
+                    done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
+                if not done:  # the store could not record the reply: try again once it has recovered
+                    if self._closing:
+                        return
+                    await asyncio.sleep(DEGRADED_RETRY_S)
+                    continue
                 for _ in batch:
                     queue.popleft()
         finally:
@@ -162,34 +167,39 @@ class Conversations:
                     return False
                 await asyncio.sleep(DEGRADED_RETRY_S)
 
-    async def _turn(self, phone: str, reply_to: str | None) -> None:
-        """Finish a pending reply, then answer what is new (if anything)."""
+    async def _turn(self, phone: str, reply_to: str | None) -> bool:
+        """Finish a pending reply, then answer what is new (if anything). False: the store is degraded, nothing was
+        sent that is not recorded, and the turn is to be tried again."""
         try:
             try:
                 if self.store.view(phone).get(sessions.META, {}).get("pending"):
                     await self._deliver(phone)
                 view = self.store.view(phone)
             except NotFoundError:  # forgotten (purged) between acceptance and reply: nothing to answer
-                return
+                return True
             # a consistent snapshot without a JSON copy: messages are never changed in place, only appended or dropped
             session = {**view, "messages": list(view["messages"])}
             if not pending_user_text(session):
-                return  # answered already (a resume of what was answered meanwhile)
+                return True  # answered already (a resume of what was answered meanwhile)
             if reply_to is not None:
                 await self.outbox.mark_read(reply_to, self.typing)
             if not self._in_window(session):
                 self.metrics.window_closed.inc()
                 log.info("reply_skipped", phone=phone, reason="24-hour window closed")
-                return
+                return True
             await self._reply(phone, session, reply_to)
         except asyncio.CancelledError:
             raise
+        except StoreUnavailable as exc:
+            log.warning("reply_waiting_for_store", phone=phone, error=str(exc))
+            return False
         except (NataliaError, OSError) as exc:
             self.metrics.replies.labels("failed").inc()
             log.error("reply_failed", phone=phone, error_type=type(exc).__name__, error=str(exc))
         except Exception as exc:  # an assistant or outbox bug must not end this phone's conversation
             self.metrics.replies.labels("failed").inc()
             log.exception("reply_failed", phone=phone, error_type=type(exc).__name__)
+        return True
 
     def _in_window(self, session: sessions.Session) -> bool:
         # the newest user message, searched from the end (sessions hold up to 250 messages; this runs per reply)
@@ -225,6 +235,7 @@ class Conversations:
         pending, done = state.get("pending"), int(state.get("sent_parts", 0))
         if not pending:
             return
+        await self.store.wait_durable(self.store.lsn)  # a reply recorded before a fault: sent only once it is durable
         if not self._in_window(session):
             self.metrics.window_closed.inc()
             self.store.set_meta(phone, {"pending": None, "sent_parts": None})

@@ -287,3 +287,43 @@ def test_a_session_forgotten_before_its_reply_gets_none(store: Store) -> None:
         assert outbox.sent == [] and PHONE not in store
 
     asyncio.run(go())
+
+
+def test_a_reply_cut_short_by_a_store_fault_is_sent_once_after_recovery(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply's intent cannot be made durable (EIO): nothing is sent; once a recovery snapshot has made memory
+    durable, the turn is tried again and the recorded reply goes out exactly once."""
+    import errno
+
+    from natalia_secure import journal
+
+    real = journal.Journal._write
+    armed: list[bool] = []
+
+    def write(self: journal.Journal, batch: journal.Batch) -> None:
+        if armed:
+            armed.clear()
+            raise OSError(errno.EIO, "Input/output error")
+        real(self, batch)
+
+    monkeypatch.setattr(journal.Journal, "_write", write)
+
+    class Arming(SlowAssistant):
+        async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
+            armed.append(True)  # the next journal write (the intent's) fails
+            return "re: hola"
+
+    async def go() -> None:
+        outbox = Recorder()
+        conv = conversations(store, Arming(), outbox)
+        accept(store, conv, PHONE, "hola", 0)
+        for _ in range(200):
+            if store.degraded:
+                break
+            await asyncio.sleep(0.01)
+        assert store.degraded and outbox.sent == []
+        await store.snapshot_async(full=True)  # what maintenance does within 10 s
+        await settle(conv)
+        assert outbox.texts() == ["re: hola"]
+        assert [m["role"] for m in store.get(PHONE)["messages"]] == ["user", "assistant"] and store.meta(PHONE) == {}
+
+    asyncio.run(go())
