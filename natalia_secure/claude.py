@@ -68,7 +68,7 @@ def load_persona(path: str | None) -> str:
     return text
 
 
-def _start(messages: list[dict[str, Any]], budget_chars: int, block: int) -> int:
+def _start(messages: list[dict[str, Any]], budget_chars: int, block: int, offset: int = 0) -> int:
     """Where the history sent begins (see build_messages)."""
     n = len(messages)
     suffix = [0] * (n + 1)  # suffix[i]: characters of messages[i:]
@@ -80,13 +80,17 @@ def _start(messages: list[dict[str, Any]], budget_chars: int, block: int) -> int
             newest = i
         elif newest < n:
             break
-    start = next((s for s in range(0, n, block) if suffix[s] <= budget_chars), None)
+    # block boundaries counted from the conversation's first message ever (`offset` were dropped at the 250 cap), so
+    # a session at the cap, which loses its oldest message every turn, keeps the same prefix for `block` turns
+    start = next((s for s in range((-offset) % block, n, block) if suffix[s] <= budget_chars), None)
     if start is None:  # even the last partial block is over budget: keep what fits, message by message
         start = next((i for i in range(n + 1) if suffix[i] <= budget_chars), n)
     return min(start, newest)
 
 
-def build_messages(messages: list[dict[str, Any]], budget_chars: int, block: int = 20) -> list[dict[str, Any]]:
+def build_messages(
+    messages: list[dict[str, Any]], budget_chars: int, block: int = 20, offset: int = 0
+) -> list[dict[str, Any]]:
     """Session messages -> Messages API messages, within `budget_chars`, the last one marked as a cache breakpoint.
 
     Kept: the most recent messages whole, from the smallest multiple of `block` whose messages fit the budget (the
@@ -96,7 +100,7 @@ def build_messages(messages: list[dict[str, Any]], budget_chars: int, block: int
     if block < 1:
         raise ValueError("block must be at least 1")
     turns: list[dict[str, Any]] = []
-    for m in messages[_start(messages, budget_chars, block) :]:
+    for m in messages[_start(messages, budget_chars, block, offset) :]:
         text = m["content"]
         if not text.strip():
             continue  # the API refuses empty text blocks
@@ -230,7 +234,8 @@ class ClaudeAssistant:
 
     async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
         """Claude's answer to the session's newest user turn; "" when there is none; the fallback text on failure."""
-        messages = build_messages(session["messages"], self.budget_chars)
+        dropped = session.get(sessions.META, {}).get("dropped", 0)  # messages gone at the 250 cap (sessions.py)
+        messages = build_messages(session["messages"], self.budget_chars, offset=dropped)
         if not messages or messages[-1]["role"] != "user":
             return ""  # nothing to answer: the history ends with Natalia's own message
         texts: list[str] = []

@@ -57,7 +57,7 @@ def _secret(value: Raw, where: str) -> str:
 def _int(lo: int, hi: int) -> Parse:
     def parse(value: Raw, where: str) -> int:
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,12}", value.strip()):
-            value = int(value)
+            value = int(value.strip())  # the same white space as the check above
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, not {_show(value)}")
         if not lo <= value <= hi:
@@ -69,7 +69,7 @@ def _int(lo: int, hi: int) -> Parse:
 
 def _seconds(value: Raw, where: str) -> float:
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?", value.strip()):
-        value = float(value)
+        value = float(value.strip())  # str.strip() and float() disagree on what white space is (e.g. "\x1f")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where} must be a number of seconds, not {_show(value)}")
     if not (math.isfinite(value) and value > 0):

@@ -44,7 +44,11 @@ def append_message(
     else:
         messages.append(message)
     if len(messages) > max_messages:
-        del messages[: len(messages) - max_messages]
+        extra = len(messages) - max_messages
+        del messages[:extra]
+        # counted, so the history sent to Claude can keep block boundaries fixed (claude.build_messages)
+        state = session.setdefault(META, {})
+        state["dropped"] = state.get("dropped", 0) + extra
     session["lastActivity"] = max(session.get("lastActivity", timestamp), timestamp)
     session.setdefault("firstInteraction", timestamp)
 

@@ -452,3 +452,21 @@ def test_budget_properties(lengths: list[int], budget: int, block: int) -> None:
     fits = [s for s in range(0, n, block) if sum(len(m["content"]) for m in source[s:]) <= budget]
     if fits:
         assert start in (fits[0], fits[0] + 1)
+
+
+def test_a_session_at_the_message_cap_keeps_its_cached_prefix_for_a_block_of_turns() -> None:
+    """At 250 messages the oldest leaves with every new one; counting what was dropped (sessions.py) keeps the
+    start of the history on the same message for `block` turns, so the prompt cache keeps hitting."""
+    from natalia_secure import sessions as sessions_module
+
+    session = sessions_module.new_session(0)
+    firsts = []
+    for i in range(300):
+        sessions_module.append_message(session, "user" if i % 2 == 0 else "assistant", f"m{i}", i, max_messages=250)
+        if i >= 250 and i % 2 == 0:  # a user turn to answer
+            dropped = session["natalia"]["dropped"]
+            sent = claude.build_messages(session["messages"], 1_000_000, block=20, offset=dropped)
+            firsts.append(sent[0]["content"][0]["text"].split("\n")[0])
+    assert session["natalia"]["dropped"] == 50
+    changes = sum(1 for a, b in itertools.pairwise(firsts) if a != b)
+    assert changes <= 3, firsts  # 25 turns, the start moved at most once per 20 dropped messages

@@ -360,3 +360,9 @@ def test_the_default_model_is_not_one_the_sdk_calls_deprecated() -> None:
     """The installed anthropic SDK lists models nearing end of life; the default must not be one of them."""
     sdk = pytest.importorskip("anthropic._data.deprecated_models")  # the SDK's own list (it warns on use); private
     assert config.BY_NAME["model"].default not in sdk.DEPRECATED_MODELS
+
+
+@pytest.mark.parametrize("name", ["inactive_days", "snapshot_interval_s"])
+def test_numbers_with_any_white_space_python_strips_are_read(name: str) -> None:
+    """str.strip() drops "\\x1f" but int() and float() do not: the value must still parse (hypothesis found it)."""
+    assert config.BY_NAME[name].parse("5\x1f", "x") == 5

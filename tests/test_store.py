@@ -403,7 +403,10 @@ class StoreVersusDict(RuleBasedStateMachine):
 
     def _model_add(self, phone: str, role: str, content: str, ts: int) -> None:
         session = self.model.setdefault(phone, {"messages": [], "lastActivity": ts, "firstInteraction": ts})
-        session["messages"] = [*session["messages"], {"role": role, "content": content, "timestamp": ts}][-MODEL_MAX:]
+        messages = [*session["messages"], {"role": role, "content": content, "timestamp": ts}]
+        if len(messages) > MODEL_MAX:  # the oldest leave, and are counted (the history's cache alignment, claude.py)
+            session.setdefault("natalia", {"dropped": 0})["dropped"] += len(messages) - MODEL_MAX
+        session["messages"] = messages[-MODEL_MAX:]
         session["lastActivity"] = max(session["lastActivity"], ts)
 
     @rule(phone=st.sampled_from(PHONES), message_id=st.sampled_from(CLAIM_IDS), ts=st.integers(0, 10**6))
