@@ -257,7 +257,9 @@ class Conversations:
                 return
             last = i + 1 == len(parts)
             sent = self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": i + 1})
-            if sent is not None:  # made durable at once: the window in which a crash repeats this part is one fsync
+            if sent is not None and last:  # the reply is done (and counted) once that is durable
+                await self.store.wait_durable(sent)
+            elif sent is not None:  # made durable at once, without a waiter: a crash repeats this part for one fsync
                 self.store.flush_soon()
         self.metrics.replies.labels("sent").inc()
 
