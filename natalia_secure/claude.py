@@ -32,7 +32,8 @@ from .metrics import Metrics
 log = structlog.get_logger("natalia_secure.claude")
 
 DEFAULT_PERSONA = "persona_es.md"  # shipped inside the package (pyproject package-data *.md)
-FALLBACK_TEXT = "Perdona, ahora mismo no puedo responderte. Te escribo en un momento."
+# no promise of a follow-up: nothing retries a message once this answer is recorded
+FALLBACK_TEXT = "Perdona, ahora mismo no puedo responderte. ¿Me escribes de nuevo en unos minutos?"
 MAX_PERSONA = 256 * 1024  # a persona is a page of text; refuse to send a mistaken multi-megabyte file with every request
 TOOL_NAME = "send_photos"
 DEFAULT_COUNT = 3  # what PhotoTool.send_photos and the offline Natalia send when no count is given

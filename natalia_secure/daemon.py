@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -53,7 +53,27 @@ STATUS_EVERY_S = 5.0
 STALL_S = 5.0  # a journal write running longer than this (fsync ~0.2 ms, DESIGN.md) means a hung disk: unhealthy
 PSEUDONYM_PURPOSE = "log pseudonyms"
 # Settings read once at start; a reload that changes them says a restart is needed.
-RESTART_ONLY = ("state_dir", "listen", "durability", "reply_concurrency")
+RESTART_ONLY = (
+    "state_dir",
+    "listen",
+    "durability",
+    "reply_concurrency",
+    # the assistant and the outbox are built at start (the WhatsApp access token alone is applied on reload)
+    "anthropic_api_key",
+    "anthropic_base_url",
+    "model",
+    "persona_file",
+    "history_budget",
+    "max_tokens",
+    "claude_timeout_s",
+    "catalog_file",
+    "fallback_message",
+    "outbox",
+    "typing_indicator",
+    "phone_number_id",
+    "graph_url",
+    "api_version",
+)
 
 
 def master_key_path(cfg: config.Config, explicit: str | None, environ: Mapping[str, str]) -> str:
@@ -92,6 +112,8 @@ def outbox_kind(cfg: config.Config, terminal: bool) -> str:
         return cfg.outbox
     if cfg.access_token and cfg.phone_number_id:
         return "whatsapp"
+    if cfg.access_token or cfg.phone_number_id:  # half set: surely a mistake, not a wish to only log replies
+        cfg.require("access_token", "phone_number_id", purpose="sending through WhatsApp")
     # printing conversations is for a person at a terminal, never into the journal (guarantee 4)
     return "terminal" if terminal else "log"
 
@@ -144,6 +166,7 @@ class Daemon:
         self.stopping = False
         self.reload_error: str | None = None
         self.address: tuple[str, int] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, referenced until done (asyncio docs)
         self.abandoned = False  # the stop ran out of time with the disk still busy: exit without waiting for it
 
     # ---- start ----
@@ -217,7 +240,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         assert self.address is not None
         log.info("listening", host=self.address[0], port=self.address[1])
 
@@ -252,6 +275,11 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     # ---- running ----
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _degraded(self, reason: str) -> None:
         log.error("store_degraded", reason=reason)
@@ -338,6 +366,7 @@ class Daemon:
             set_token = getattr(self.outbox, "set_token", None)  # the WhatsApp client (graph.py)
             if set_token is not None and new.access_token:
                 set_token(new.access_token)
+                self._spawn(self.conversations.resume())  # replies kept while the token was refused
             ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
             self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
             self.reload_error = None

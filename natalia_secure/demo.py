@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from . import atomicfile, keyring, masterkey, whatsapp
 from .clock import iso_utc, now_ms
 from .errors import ConfigError, NataliaError, StoreUnavailable
+from .store import Store
 
 PHONE = "34600000000"  # a made-up number (the demo holds no personal data)
 SCENARIO = ["Hola", "Quiero fotos de salado", "¿Tienes más fotos?"]
@@ -54,18 +55,26 @@ class Paths:
     def log(self) -> str:
         return os.path.join(self.root, "daemon.log")
 
+    @property
+    def config(self) -> str:
+        return os.path.join(self.root, "demo.toml")  # empty: the daemon's embedded defaults
+
 
 class DemoDaemon:
     """`natalia-secure serve` in a subprocess: its JSON log to daemon.log, its printed replies to our terminal."""
 
     def __init__(self, paths: Paths, app_secret: str, out: TextIO) -> None:
         self.paths, self.app_secret, self.out = paths, app_secret, out
-        env = dict(os.environ)
+        # The embedded defaults: none of the operator's NATALIA_* settings or /etc file (WHATSAPP_* and ANTHROPIC_*
+        # are kept on purpose: they switch the demo to the real services).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NATALIA_")}
         env.update(
+            NATALIA_CONFIG=paths.config,
             NATALIA_STATE_DIR=paths.state,
             NATALIA_MASTER_KEY_FILE=paths.key,
             NATALIA_LISTEN="127.0.0.1:0",
             NATALIA_LOG_FORMAT="json",
+            NATALIA_LOG_LEVEL="info",  # the demo reads the `listening` line
             WHATSAPP_APP_SECRET=app_secret,
             WHATSAPP_VERIFY_TOKEN=secrets.token_hex(16),
             PYTHONUNBUFFERED="1",
@@ -124,7 +133,11 @@ class DemoDaemon:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
 
 
 def say(port: int, app_secret: str, text: str, phone: str = PHONE) -> dict[str, Any]:
@@ -145,8 +158,13 @@ def say(port: int, app_secret: str, text: str, phone: str = PHONE) -> dict[str, 
         raise StoreUnavailable(f"the daemon answered {exc.code}: {exc.read().decode(errors='replace')}") from None
 
 
-def _prepare(paths: Paths, out: TextIO) -> None:
+def _prepare(paths: Paths, out: TextIO) -> str:
+    """Key, state directory and config; returns the made-up phone number this run uses."""
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
+    if os.path.exists(paths.info):
+        raise ConfigError(f"a demo is already running in {paths.root} (stop it with Ctrl-C, or use --dir)")
+    if not os.path.exists(paths.config):
+        atomicfile.write_atomic(paths.config, [b"# natalia-secure demo: the daemon's embedded defaults\n"])
     if not os.path.exists(paths.key):
         masterkey.create_key_file(paths.key)
         out.write(f"  master key  {paths.key} (generated, 0600; outside the state directory)\n")
@@ -156,14 +174,19 @@ def _prepare(paths: Paths, out: TextIO) -> None:
         now = now_ms()
         keyring.save(paths.state, keyring.Keyring.new(iso_utc(now)), master, now)
     out.write(f"  state       {paths.state} (0700: every file in it sealed with AES-256-GCM, 0600)\n")
+    known = set(Store.open(paths.state, master, readonly=True).phones())
+    phone = next(p for p in (f"346000000{n:02d}" for n in range(100)) if p not in known)
+    if known:
+        out.write(f"  reusing     {paths.root}: its {len(known)} earlier conversation(s) stay; this one is {phone}\n")
+    return phone
 
 
-def _converse(daemon: DemoDaemon, texts: list[str], out: TextIO) -> None:
+def _converse(daemon: DemoDaemon, texts: list[str], out: TextIO, phone: str) -> None:
     for text in texts:
         before = daemon.replies_done()
-        out.write(f"  Cliente {PHONE} → Natalia: {text}\n")
+        out.write(f"  Cliente {phone} → Natalia: {text}\n")
         out.flush()
-        answer = say(daemon.port, daemon.app_secret, text)
+        answer = say(daemon.port, daemon.app_secret, text, phone)
         if answer.get("messages") != 1:
             raise StoreUnavailable(f"the daemon did not take the message: {answer}")
         end = time.monotonic() + WAIT_S
@@ -198,7 +221,7 @@ def run_demo(root: str, keep_running: bool, out: TextIO) -> int:
 
     paths = Paths(os.path.abspath(root))
     out.write("natalia-secure demo: the legacy scenario on a sealed store\n")
-    _prepare(paths, out)
+    phone = _prepare(paths, out)
     app_secret = secrets.token_hex(32)
     claude = (
         "Claude (ANTHROPIC_API_KEY)"
@@ -211,11 +234,14 @@ def run_demo(root: str, keep_running: bool, out: TextIO) -> int:
 
     out.write("1. The daemon starts: the store is loaded, then it listens.\n")
     daemon = DemoDaemon(paths, app_secret, out)
+    wrote_info = False
+    # a closed terminal (SIGHUP) or a SIGTERM must not leave the daemon running: end through `finally`
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         loaded = daemon.wait_ready()
         out.write(f"  serving on 127.0.0.1:{daemon.port} ({loaded['sessions']} sessions loaded)\n\n")
         out.write("2. The customer writes (real webhooks, signed with X-Hub-Signature-256):\n")
-        _converse(daemon, SCENARIO, out)
+        _converse(daemon, SCENARIO, out, phone)
 
         out.write("\n3. Restart: SIGTERM (final snapshot), then a new start.\n")
         code = daemon.stop()
@@ -226,16 +252,17 @@ def run_demo(root: str, keep_running: bool, out: TextIO) -> int:
         cli.main(["list", "--state-dir", paths.state, "--master-key", paths.key], out=out)
 
         out.write("\n4. What is on disk is sealed:\n")
-        _sealed_check(paths, [PHONE, *SCENARIO], out)
+        _sealed_check(paths, [phone, *SCENARIO], out)
 
-        out.write(f"\n5. Decrypted to the screen only: natalia-secure show {PHONE}\n")
-        cli.main(["show", PHONE, "--state-dir", paths.state, "--master-key", paths.key], out=out)
+        out.write(f"\n5. Decrypted to the screen only: natalia-secure show {phone}\n")
+        cli.main(["show", phone, "--state-dir", paths.state, "--master-key", paths.key], out=out)
 
         out.write("\n6. She keeps the context after the restart:\n")
-        _converse(daemon, [AFTER_RESTART], out)
+        _converse(daemon, [AFTER_RESTART], out, phone)
 
         if keep_running:
-            _write_info(paths, daemon.port, app_secret)
+            _write_info(paths, daemon.port, app_secret, phone)
+            wrote_info = True
             out.write(
                 f"\nServing on http://127.0.0.1:{daemon.port}/webhook. Talk to Natalia from another terminal:\n"
                 f"  natalia-secure demo --dir {paths.root} --say 'Hola, ¿qué tienes de dulce?'\n"
@@ -253,12 +280,18 @@ def run_demo(root: str, keep_running: bool, out: TextIO) -> int:
     finally:
         if daemon.proc.poll() is None:
             daemon.stop()
-        if os.path.exists(paths.info):
+        if wrote_info and os.path.exists(paths.info):
             os.unlink(paths.info)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _write_info(paths: Paths, port: int, app_secret: str) -> None:
-    data = json.dumps({"port": port, "app_secret": app_secret}).encode()
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _write_info(paths: Paths, port: int, app_secret: str, phone: str) -> None:
+    data = json.dumps({"port": port, "app_secret": app_secret, "phone": phone}).encode()
     atomicfile.write_atomic(paths.info, [data])
 
 
@@ -269,6 +302,6 @@ def run_say(root: str, text: str, out: TextIO) -> int:
             info = json.loads(f.read())
     except OSError:
         raise ConfigError(f"no running demo in {paths.root} (start one with: natalia-secure demo --keep-running)") from None
-    answer = say(int(info["port"]), str(info["app_secret"]), text)
+    answer = say(int(info["port"]), str(info["app_secret"]), text, str(info.get("phone", PHONE)))
     out.write(f"sent ({answer}); Natalia answers in the demo's terminal\n")
     return 0

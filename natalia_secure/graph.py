@@ -8,7 +8,7 @@
   Jitter", 2015), at least 6 s after a 131056, never less than a `Retry-After` (RFC 9110 §10.2.3) asks for;
 - 131047 (24-hour window closed), 131026 (undeliverable), 190 (token invalid or expired) and every other 4xx will
   not change by retrying: one request, then a `SendError` whose `kind` tells replies.py to drop or keep the reply.
-A 190 also sets `token_invalid`, which the daemon's health reports as degraded until a request succeeds again.
+A 190 also sets `token_invalid`, which the daemon's health reports as degraded until a new token is set or a request succeeds.
 
 Logs carry codes, statuses and kinds, the customer only as `phone=` (pseudonymised by logs.py), never a message
 text, never the token, never Graph's free-text error message (its `error_data.details` may quote what was sent).
@@ -41,7 +41,10 @@ REAUTH_HINT = "the WhatsApp access token is invalid or expired: set a new WHATSA
 
 # What each code means for us (Meta, "Cloud API > Error codes").
 FINAL: dict[int, str] = {131047: "window_closed", 131026: "undeliverable", 190: "token"}
-RATE_CODES = frozenset((130429, 131056))
+# 4 and 80007 are the Graph API's app- and account-level rate limits; 131000 ("something went wrong"), 131016
+# (service unavailable) and 133004 (server temporarily unavailable) pass with time, though they come with a 4xx
+RATE_CODES = frozenset((130429, 131056, 4, 80007))
+TRANSIENT_CODES = frozenset((131000, 131016, 133004))
 RETRYABLE = frozenset(("rate", "server", "transport"))
 DESCRIPTIONS: dict[int, str] = {
     131047: "window closed",
@@ -109,7 +112,7 @@ def classify(status: int, payload: object) -> tuple[str, int | None]:
         return FINAL[code], code
     if code in RATE_CODES or status == 429:  # 429: RFC 6585's Too Many Requests, whatever the body says
         return "rate", code
-    if status >= 500:
+    if status >= 500 or code in TRANSIENT_CODES:
         return "server", code
     return "rejected", code
 
@@ -197,7 +200,9 @@ class GraphClient:
         self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=False)
 
     def set_token(self, access_token: str) -> None:
-        """Use a new access token from the next request on (SIGHUP). `token_invalid` stays until one succeeds."""
+        """Use a new access token from the next request on (SIGHUP). Health is clean again until it fails too."""
+        if access_token != self._token:
+            self.token_invalid = False
         self._token = access_token
 
     async def aclose(self) -> None:

@@ -45,6 +45,7 @@ log = structlog.get_logger("natalia_secure.replies")
 
 DEGRADED_RETRY_S = 1.0  # how often a reply waiting on a degraded store looks again (maintenance retries every 10 s)
 WINDOW_MS = 24 * 3600 * 1000  # WhatsApp's customer service window
+TURN_TIMEOUT_S = 300.0  # a whole turn (Claude's tool rounds, WhatsApp's retries): beyond it, give the slot back
 DROP_KINDS = ("window_closed", "undeliverable", "rejected")  # graph.SendError kinds that no retry will fix
 
 
@@ -92,12 +93,13 @@ class TerminalOutbox:
         return None
 
 
-def _newer_than(messages: list[dict[str, Any]], last_seen: dict[str, Any]) -> int:
-    """How many messages follow `last_seen` (searched from the end): those added since it was read."""
+def _newer_than(messages: list[dict[str, Any]], last_seen: dict[str, Any]) -> int | None:
+    """How many messages follow `last_seen` (searched from the end): those added since it was read; None if it is
+    gone (the session was forgotten, or 250 newer messages pushed it out)."""
     for k, message in enumerate(reversed(messages)):
         if message == last_seen:
             return k
-    return 0
+    return None
 
 
 class Conversations:
@@ -123,6 +125,8 @@ class Conversations:
         self._slots = asyncio.Semaphore(concurrency)
         self._queues: dict[str, deque[tuple[str | None, int]]] = {}  # phone -> (wamid or None for a resume, lsn)
         self._workers: dict[str, asyncio.Task[None]] = {}
+        # parts WhatsApp took whose "sent" record the store could not take (degraded): never sent twice meanwhile
+        self._sent_upto: dict[str, int] = {}
         self._closing = False
 
     @property
@@ -132,6 +136,8 @@ class Conversations:
 
     def submit(self, phone: str, message_id: str | None, lsn: int) -> None:
         """Answer the phone's messages up to record `lsn` (after its earlier ones), once it is durable."""
+        if self._closing:
+            return  # stopping: the message is durable and claimed, and the next start answers it
         self._queues.setdefault(phone, deque()).append((message_id, lsn))
         if phone not in self._workers:
             self._workers[phone] = asyncio.create_task(self._work(phone))
@@ -144,7 +150,14 @@ class Conversations:
                 if not await self._durable(max(lsn for _, lsn in batch)):
                     return  # closing: left for the restart to find (claimed, not answered)
                 async with self._slots:
-                    done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
+                    try:
+                        done = await asyncio.wait_for(
+                            self._turn(phone, next((m for m, _ in reversed(batch) if m), None)), TURN_TIMEOUT_S
+                        )
+                    except TimeoutError:  # an outage upstream must not hold a slot for ever; the next turn retries
+                        self.metrics.replies.labels("failed").inc()
+                        log.error("reply_failed", phone=phone, error_type="TimeoutError", timeout_s=TURN_TIMEOUT_S)
+                        done = True
                 if not done:  # the store could not record the reply: try again once it has recovered
                     if self._closing:
                         return
@@ -171,9 +184,13 @@ class Conversations:
         """Finish a pending reply, then answer what is new (if anything). False: the store is degraded, nothing was
         sent that is not recorded, and the turn is to be tried again."""
         try:
+            if self.store.degraded:
+                return False  # nothing can be recorded: do not ask the assistant (a billed call) until it recovers
             try:
                 if self.store.view(phone).get(sessions.META, {}).get("pending"):
                     await self._deliver(phone)
+                    if self.store.view(phone).get(sessions.META, {}).get("pending"):
+                        return True  # still not sent: it goes first, at the next message or start; no new reply
                 view = self.store.view(phone)
             except NotFoundError:  # forgotten (purged) between acceptance and reply: nothing to answer
                 return True
@@ -222,7 +239,16 @@ class Conversations:
         }
         # Messages that arrived while the reply was being made were not read by the assistant: the reply goes
         # before them in the history, so they stay unanswered (assistant.pending_user_text) for the next turn.
-        newer = _newer_than(self.store.view(phone)["messages"], session["messages"][-1])
+        try:
+            current = self.store.view(phone)
+        except NotFoundError:
+            current = None
+        newer = None if current is None else _newer_than(current["messages"], session["messages"][-1])
+        if current is None or newer is None or current["firstInteraction"] != session["firstInteraction"]:
+            # forgotten while the reply was made (and maybe begun again): this reply answers a conversation gone
+            self.metrics.replies.labels("none").inc()
+            log.info("reply_discarded", phone=phone, reason="the session was forgotten meanwhile")
+            return
         # the intent: durable before anything is sent, so a crash resends rather than forgets
         text_record = record_text(text, photos)
         lsn = self.store.add_message(phone, "assistant", text_record, self.clock(), meta=meta, before_last=newer)
@@ -242,12 +268,13 @@ class Conversations:
             log.info("reply_dropped", phone=phone, reason="24-hour window closed")
             return
         parts = [Outgoing.from_json(p) for p in pending["parts"]]
-        for i in range(done, len(parts)):
+        for i in range(max(done, self._sent_upto.get(phone, 0)), len(parts)):
             try:
                 await self.outbox.send(phone, parts[i], pending.get("reply_to") if i == 0 else None)
             except SendError as exc:
                 self.metrics.replies.labels("failed").inc()
                 if exc.kind in DROP_KINDS:
+                    self._sent_upto.pop(phone, None)
                     self.store.set_meta(phone, {"pending": None, "sent_parts": None})
                     if exc.kind == "window_closed":
                         self.metrics.window_closed.inc()
@@ -256,11 +283,13 @@ class Conversations:
                     log.warning("reply_deferred", phone=phone, reason=exc.kind, code=exc.code, parts_left=len(parts) - i)
                 return
             last = i + 1 == len(parts)
+            self._sent_upto[phone] = i + 1  # until the record below is taken (it raises while the store is degraded)
             sent = self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": i + 1})
             if sent is not None and last:  # the reply is done (and counted) once that is durable
                 await self.store.wait_durable(sent)
             elif sent is not None:  # made durable at once, without a waiter: a crash repeats this part for one fsync
                 self.store.flush_soon()
+        self._sent_upto.pop(phone, None)
         self.metrics.replies.labels("sent").inc()
 
     # ---- start and stop ----

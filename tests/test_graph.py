@@ -273,7 +273,8 @@ def test_an_invalid_token_is_not_retried_marks_the_client_and_says_what_to_do(gr
 
 
 def test_a_success_after_an_invalid_token_clears_it(graph: FakeGraph) -> None:
-    """A 190 sets token_invalid; after set_token, the next success clears it."""
+    """A 190 sets token_invalid; a new token clears it at once (health is clean after the reload); a success keeps
+    it clear."""
     graph.script(graph_error(190))
 
     async def recover(client: GraphClient) -> list[bool]:
@@ -288,7 +289,7 @@ def test_a_success_after_an_invalid_token_clears_it(graph: FakeGraph) -> None:
         return states
 
     states, _, _ = run(graph.url, recover)
-    assert states == [True, True, False]
+    assert states == [True, False, False]
 
 
 def test_an_unreachable_api_is_retried_then_a_transport_error() -> None:
@@ -448,7 +449,16 @@ def test_code_labels_are_a_fixed_set() -> None:
     assert code_label("server", 131000, 500) == "5xx"
     assert code_label("transport", None, None) == "transport"
     assert code_label("rejected", 100, 400) == "other"
-    assert code_label("rate", 80007, 429) == "other"
+    assert code_label("rate", 80007, 429) == "80007"  # a rate limit is listed (retried)
+    assert code_label("rate", 12345, 429) == "other"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"), [(400, 4, "rate"), (400, 80007, "rate"), (400, 131000, "server"), (400, 133004, "server")]
+)
+def test_limits_and_temporary_failures_sent_with_a_4xx_are_retried_not_dropped(status: int, code: int, kind: str) -> None:
+    """Meta sends some rate limits and temporary failures with HTTP 400: they must not drop the reply."""
+    assert classify(status, {"error": {"code": code}}) == (kind, code)
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:

@@ -327,3 +327,69 @@ def test_a_reply_cut_short_by_a_store_fault_is_sent_once_after_recovery(store: S
         assert [m["role"] for m in store.get(PHONE)["messages"]] == ["user", "assistant"] and store.meta(PHONE) == {}
 
     asyncio.run(go())
+
+
+def test_a_reply_still_unsent_goes_first_and_no_new_one_replaces_it(store: Store) -> None:
+    """WhatsApp fails for now twice: the customer's second message does not make a new reply over the unsent one;
+    once sending works, the kept reply goes out first, then one answer to everything after it."""
+
+    async def go() -> None:
+        failing = [SendError("down", kind="server"), SendError("down", kind="server")]
+        outbox = Recorder(fail=failing)
+        assistant = SlowAssistant(delay=0)
+        conv = conversations(store, assistant, outbox)
+        for n, text in enumerate(["uno", "dos", "tres"]):
+            accept(store, conv, PHONE, text, n)
+            await settle(conv)
+        assert outbox.texts() == ["re: uno", "re: dos + tres"]
+        assert [texts for _, texts in assistant.answered] == [["uno"], ["dos", "tres"]]  # never asked for "dos" alone
+
+    asyncio.run(go())
+
+
+def test_a_reply_made_for_a_conversation_forgotten_meanwhile_is_discarded(store: Store) -> None:
+    """Purged while the assistant worked, and the phone wrote again: the old reply is neither sent nor filed in the
+    new conversation, and the new message gets its own answer."""
+
+    async def go() -> None:
+        outbox = Recorder()
+        conv = conversations(store, SlowAssistant(delay=0.1), outbox)
+        accept(store, conv, PHONE, "secreto viejo", 0)
+        await asyncio.sleep(0.03)  # the assistant is working on it
+        store.purge(PHONE)
+        await asyncio.sleep(0.001)
+        accept(store, conv, PHONE, "hola de nuevo", 1)
+        await settle(conv)
+        assert outbox.texts() == ["re: hola de nuevo"]
+        assert [m["content"] for m in store.get(PHONE)["messages"]] == ["hola de nuevo", "re: hola de nuevo"]
+
+    asyncio.run(go())
+
+
+def test_a_part_sent_just_before_the_store_degrades_is_not_sent_again(store: Store) -> None:
+    """WhatsApp takes the text, then the store cannot record it: after recovery the reply is finished without
+    sending that text a second time."""
+
+    async def go() -> None:
+        class Degrading(Recorder):
+            async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+                sent = await super().send(to, part, reply_to)
+                if len(self.sent) == 1:
+                    store._degrade("test: the disk failed right after WhatsApp took the text")
+                return sent
+
+        outbox = Degrading()
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        accept(store, conv, PHONE, "Quiero fotos de salado", 0)
+        for _ in range(200):
+            if store.degraded:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await store.snapshot_async(full=True)  # recovery
+        await settle(conv)
+        texts = outbox.texts()
+        images = [p for _, p, _ in outbox.sent if p.image is not None]
+        assert len(texts) == 1 and len(images) == 3 and store.meta(PHONE).get("pending") is None
+
+    asyncio.run(go())
