@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
-import hashlib
 import itertools
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -38,6 +35,7 @@ from typing import Any
 
 import cryptography
 import orjson
+from benchlib import default_base, fs_of, machine
 
 from natalia_secure import keyring, masterkey, sessions
 from natalia_secure.clock import iso_utc, now_ms
@@ -734,61 +732,6 @@ def print_size(res: Result, verdicts: bool) -> None:
     sys.stdout.flush()
 
 
-def machine() -> list[str]:
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    from cryptography.hazmat.backends.openssl.backend import backend
-
-    import natalia_secure
-
-    package = os.path.dirname(natalia_secure.__file__)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as fh:
-                digest.update(name.encode() + b"\0" + fh.read())
-
-    try:
-        commit = subprocess.run(
-            ["git", "-C", package, "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
-    return [
-        f"date       {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"machine    {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}, {mem / 2**30:.1f} GiB, "
-        f"Linux {platform.release()}, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        f"software   Python {platform.python_version()}, cryptography {cryptography.__version__} "
-        f"({backend.openssl_version_text()}), orjson {orjson.__version__}",
-        f"package    {package} (git {commit or '?'}, sources sha256 {digest.hexdigest()[:12]})",
-    ]
-
-
-def fs_of(path: str) -> str:
-    path = os.path.realpath(path)
-    best = ("?", "?", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[2]):
-                best = (dev, fstype, mnt)
-    return f"{best[1]} on {best[0]}"
-
-
-def default_base() -> str:
-    # /var/tmp and /work are on the real disk here; /tmp may be a tmpfs, where fsync costs nothing
-    for candidate in ("/var/tmp", "/work", tempfile.gettempdir()):  # noqa: S108 - checked for tmpfs just below
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK) and not fs_of(candidate).startswith("tmpfs"):
-            return candidate
-    raise SystemExit("no writable directory on a real disk: give --state-dir")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -814,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {parent} is a tmpfs: fsync costs nothing there, the figures flatter the store", file=sys.stderr)
     base = tempfile.mkdtemp(prefix="natalia-bench-", dir=parent)
     print("natalia-secure store benchmark (bench/store.py; bench/README.md explains every row)")
-    for line in machine():
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    software = f"cryptography {cryptography.__version__} ({backend.openssl_version_text()}), orjson {orjson.__version__}"
+    for line in machine(software):
         print(line)
     print(f"state      {base} ({fs_of(base)}), deleted at the end")
     print(f"command    {' '.join([os.path.relpath(sys.executable), 'bench/store.py', *argv])}")

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
 import itertools
 import json
 import os
-import platform
 import pstats
 import random
 import re
@@ -42,6 +40,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from benchlib import default_base, fs_of, machine
 
 from natalia_secure import keyring, masterkey, whatsapp
 from natalia_secure.clock import iso_utc, now_ms
@@ -487,54 +487,6 @@ def verdict(ok: bool, label: str, figure: str, judged: bool) -> None:
     print(f"{('PASS' if ok else 'FAIL') if judged else 'info':4}  {label:52} {figure:>12}")
 
 
-def machine() -> list[str]:
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import tornado
-
-    import natalia_secure
-
-    package = os.path.dirname(natalia_secure.__file__)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as fh:
-                digest.update(name.encode() + b"\0" + fh.read())
-    commit = subprocess.run(
-        ["git", "-C", package, "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return [
-        f"date       {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"machine    {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}, Linux {platform.release()}, "
-        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        f"software   Python {platform.python_version()}, Tornado {tornado.version}, asyncio default loop",
-        f"package    {package} (git {commit or '?'}, sources sha256 {digest.hexdigest()[:12]})",
-    ]
-
-
-def fs_of(path: str) -> str:
-    path = os.path.realpath(path)
-    best = ("?", "?", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[2]):
-                best = (dev, fstype, mnt)
-    return f"{best[1]} on {best[0]}"
-
-
-def default_base() -> str:
-    # the journal's fsync is part of every acknowledgement: a tmpfs (where fsync costs nothing) would flatter serve
-    for candidate in ("/var/tmp", "/work", tempfile.gettempdir()):  # noqa: S108 - checked for tmpfs just below
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK) and not fs_of(candidate).startswith("tmpfs"):
-            return candidate
-    raise SystemExit("no writable directory on a real disk: give --state-dir")
-
-
 def stop(server: Server, timeout: float = 30.0) -> int | None:
     """SIGTERM and the exit code; SIGKILL (and None) if it does not stop in time."""
     if server.proc.poll() is None:
@@ -649,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(parent, exist_ok=True)
     base = tempfile.mkdtemp(prefix="natalia-bench-webhook-", dir=parent)
     print("natalia-secure webhook benchmark (bench/webhook.py; bench/README.md explains the columns)")
-    for line in machine():
+    import tornado
+
+    for line in machine(f"Tornado {tornado.version}, asyncio default loop"):
         print(line)
     print(f"state      {base} ({fs_of(base)}), deleted at the end; the daemon's log goes to a file there")
     print(f"command    {' '.join([os.path.relpath(sys.executable), 'bench/webhook.py', *argv])}")
