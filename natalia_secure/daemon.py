@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import socket
@@ -79,6 +80,17 @@ RESTART_ONLY = (
 def master_key_path(cfg: config.Config, explicit: str | None, environ: Mapping[str, str]) -> str:
     """--master-key, else NATALIA_MASTER_KEY_FILE / natalia.master_key_file, else the systemd credential."""
     return masterkey.locate(explicit or cfg.master_key_file, dict(environ))
+
+
+def tune_gc() -> None:
+    """The cyclic garbage collector, tuned for a server that allocates many short-lived, acyclic objects (parsed
+    webhooks, session dicts; reference counting frees them): everything loaded at start is moved out of its sight
+    (gc.freeze), and a collection waits for 50,000 new container objects instead of 700. Measured with
+    bench/webhook.py: with the default thresholds serve ran at 0.40x of the bare handler (p99 52 ms), with these at
+    0.45x-0.53x (p99 34-37 ms) in two full runs. Cycles (tracebacks, futures) are still collected, in larger
+    batches; a larger first threshold (100,000) measured no better."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def webhook_secrets(cfg: config.Config) -> WebhookSecrets:
@@ -197,6 +209,7 @@ class Daemon:
         started = time.monotonic()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before READY would kill us (SIGHUP's default action)
         store = self._open_store()
+        tune_gc()
         try:
             return await self._serve(store, started)
         finally:
