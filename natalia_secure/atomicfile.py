@@ -130,6 +130,25 @@ def open_regular(path: str) -> BinaryIO:
     return os.fdopen(fd, "rb", buffering=1 << 20)
 
 
+def read_small(path: str, limit: int, check: Callable[[os.stat_result], None]) -> tuple[bytes, os.stat_result]:
+    """A small file an operator gives us (a key, a configuration, a credential): opened without blocking (a FIFO
+    must not hang a start), `check` run on the open descriptor's stat (no window between the check and the read;
+    it refuses what is not a regular file, a foreign owner, an open mode), then at most `limit` + 1 bytes read, so
+    the caller tells "too large" by the length. OSError (FileNotFoundError if absent) as the system raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        check(st)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), st
+
+
 def remove_stale_temps(directory: str) -> list[str]:
     """Remove temps a crash left behind (only names this module makes: `.NAME.HEX.tmp`)."""
     removed = []

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from . import atomicfile
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/natalia-secure/natalia-secure.toml"
@@ -259,26 +260,20 @@ class Config:
 
 def _read(path: str, limit: int, what: str) -> tuple[bytes, os.stat_result] | None:
     """A regular file's content and mode (None if absent), read at most `limit` bytes; ConfigError otherwise."""
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)  # a FIFO must not hang us
+        data, st = atomicfile.read_small(path, limit, check)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # checked on the open descriptor: no window between the check and the read
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
-        chunks: list[bytes] = []
-        while (size := sum(map(len, chunks))) <= limit and (chunk := os.read(fd, limit + 1 - size)):
-            chunks.append(chunk)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise ConfigError(f"{what} {path} is larger than {limit} bytes")
-    return b"".join(chunks), st
+    return data, st
 
 
 def _read_toml(path: str, required: bool) -> dict[str, Raw] | None:

@@ -13,8 +13,9 @@ Failures are logged (without personal data) and retried at the next turn; they n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +61,8 @@ class Maintenance:
         now = store.clock()
         try:
             if store.degraded:
-                started = time.perf_counter()
-                await store.snapshot_async(full=True)
-                self._timed("snapshot", started)
+                with self._timed("snapshot"):
+                    await store.snapshot_async(full=True)
                 self._last_snapshot = now
                 log.info("store_recovered", generation=store.generation)
                 done.append("recovered")
@@ -74,16 +74,14 @@ class Maintenance:
                     log.info("sessions_purged", count=len(purged), inactive_days=policy.inactive_days)
                 done.append("purge")
             if self._due(self._last_snapshot, policy.snapshot_every_s, now):
-                started = time.perf_counter()
-                generation = await store.snapshot_async()
-                self._timed("snapshot", started)
+                with self._timed("snapshot"):
+                    generation = await store.snapshot_async()
                 self._last_snapshot = now
                 log.info("snapshot", generation=generation, sessions=len(store))  # the legacy "saved N sessions"
                 done.append("snapshot")
             if self._due(self._last_backup, policy.backup_every_s, now):
-                started = time.perf_counter()
-                path = await store.backup_async()
-                self._timed("backup", started)
+                with self._timed("backup"):
+                    path = await store.backup_async()
                 self._last_backup = now
                 result = await asyncio.get_running_loop().run_in_executor(None, store.prune_backups, policy.retention)
                 log.info("backup", file=path.rsplit("/", 1)[-1], pruned=len(result.remove), kept=len(result.keep))
@@ -94,7 +92,11 @@ class Maintenance:
             done.append("failed")
         return done
 
-    def _timed(self, what: str, started: float) -> None:
+    @contextlib.contextmanager
+    def _timed(self, what: str) -> Iterator[None]:
+        """Report how long the block took (only when it succeeds: a failed snapshot has no duration worth a metric)."""
+        started = time.perf_counter()
+        yield
         if self.observe is not None:
             self.observe(what, time.perf_counter() - started)
 

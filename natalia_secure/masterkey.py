@@ -64,14 +64,8 @@ def decode(data: bytes, source: str) -> MasterKey:
 
 def read_key_file(path: str) -> MasterKey:
     """Read a master key file, refusing one that is not a regular file or that group or others could read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeyMaterialError(f"master key file {path} does not exist (create one with: natalia-secure keys init)") from None
-    except OSError as exc:
-        raise KeyMaterialError(f"cannot open master key file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # checked on the open descriptor: no window between the check and the read
+
+    def check(st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise KeyMaterialError(f"master key {path} is not a regular file")
         if st.st_uid not in (os.geteuid(), 0):
@@ -81,9 +75,13 @@ def read_key_file(path: str) -> MasterKey:
                 f"master key {path} is accessible to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                 f"run: chmod 0600 {path}"
             )
-        data = os.read(fd, MAX_FILE + 1)
-    finally:
-        os.close(fd)
+
+    try:
+        data, _ = atomicfile.read_small(path, MAX_FILE, check)
+    except FileNotFoundError:
+        raise KeyMaterialError(f"master key file {path} does not exist (create one with: natalia-secure keys init)") from None
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read master key file {path}: {exc.strerror}") from None
     if len(data) > MAX_FILE:
         raise KeyMaterialError(f"master key file {path} is too large to be a master key")
     return decode(data, path)

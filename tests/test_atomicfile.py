@@ -430,3 +430,28 @@ def test_open_regular_missing_file(tmp_path: Path) -> None:
     """A missing file is FileNotFoundError, for the caller to turn into its own message."""
     with pytest.raises(FileNotFoundError):
         atomicfile.open_regular(str(tmp_path / "absent"))
+
+
+def test_read_small_checks_the_opened_file_and_reads_at_most_one_byte_past_the_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The check sees the descriptor's stat before any read; a FIFO does not block; a large file is cut at limit + 1
+    so the caller can say "too large"; a missing file is FileNotFoundError."""
+    import stat as stat_module
+
+    from .conftest import deadline
+
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100)
+    seen: list[int] = []
+    data, st = atomicfile.read_small(str(big), 10, lambda s: seen.append(s.st_size))
+    assert data == b"x" * 11 and seen == [100] and st.st_size == 100
+
+    def regular_only(s: os.stat_result) -> None:
+        if not stat_module.S_ISREG(s.st_mode):
+            raise ValueError("not a regular file")
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with deadline(5), pytest.raises(ValueError, match="not a regular file"):
+        atomicfile.read_small(str(fifo), 10, regular_only)
+    with pytest.raises(FileNotFoundError):
+        atomicfile.read_small(str(tmp_path / "absent"), 10, regular_only)

@@ -22,6 +22,18 @@ def demo(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def say(root: str, text: str) -> subprocess.CompletedProcess[str]:
+    """`natalia-secure demo --dir ROOT --say TEXT`, as a second terminal would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "natalia_secure", "demo", "--dir", root, "--say", text],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_the_demo_plays_the_legacy_scenario_and_recovers_six_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Exit 0; the greeting, photos 1-6, the 6 messages after the restart, 0 readable occurrences on disk and in
     the log, the decrypted conversation, and the context kept after the restart."""
@@ -51,14 +63,7 @@ def test_keep_running_serves_until_ctrl_c_and_say_talks_to_it(tmp_path) -> None:
         if line.startswith("Ctrl-C stops it") or not line:
             break
     assert any("--say" in line for line in lines), "".join(lines)
-    said = subprocess.run(
-        [sys.executable, "-m", "natalia_secure", "demo", "--dir", root, "--say", "Quiero fotos de dulce"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    said = say(root, "Quiero fotos de dulce")
     assert said.returncode == 0, said.stderr
     while time.monotonic() < end:
         line = proc.stdout.readline()
@@ -70,12 +75,5 @@ def test_keep_running_serves_until_ctrl_c_and_say_talks_to_it(tmp_path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "daemon exit code 0" in out
     assert not os.path.exists(os.path.join(root, "demo.json"))
-    missing = subprocess.run(
-        [sys.executable, "-m", "natalia_secure", "demo", "--dir", root, "--say", "hola"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    missing = say(root, "hola")
     assert missing.returncode == 3 and "no running demo" in missing.stderr
