@@ -28,15 +28,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TextIO
 
 import structlog
 import tornado.httpserver
 import tornado.netutil
 
-from . import backups, catalog, config, logs, masterkey
+from . import admin, backups, catalog, config, logs, masterkey
 from .assistant import Assistant
+from .control import ControlServer, Handler
 from .errors import ConfigError, NataliaError
 from .intake import Intake, WebhookSecrets
 from .maintenance import Maintenance, MaintenancePolicy
@@ -250,6 +251,8 @@ class Daemon:
         metrics.gauge("natalia_replies_pending", "Accepted messages not yet answered", lambda: self.conversations.pending)
 
         server = self._listen(make_app(Deps(self.intake, metrics, self.health)))
+        self.control = ControlServer(store.state_dir, {name: self._admin(name, op) for name, op in admin.OPERATIONS.items()})
+        await self.control.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
@@ -288,6 +291,23 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     # ---- running ----
+
+    def _admin(self, name: str, operation: admin.Operation) -> Handler:
+        """An admin command from the control socket, run on our own store (logged by name: its arguments may be a
+        phone number)."""
+
+        async def handler(args: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+            started = time.monotonic()
+            try:
+                result = await operation(self.store, args, progress)
+            except BaseException as exc:
+                log.warning("admin_command_failed", command=name, error_type=type(exc).__name__)
+                raise
+            log.info("admin_command", command=name, seconds=round(time.monotonic() - started, 3))
+            self._notify_status()
+            return result
+
+        return handler
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -400,6 +420,8 @@ class Daemon:
         self._tell("STOPPING=1", f"STATUS={self.status_line()}")
         log.info("stopping", inflight=self.intake.inflight, replies_pending=self.conversations.pending)
         server.stop()  # no new connections; requests on open ones get 503 from the intake
+        # an admin command in progress finishes (each of its steps is atomic, so a cut-off one is rerun later)
+        await self.control.close(timeout=max(0.1, min(10.0, deadline - time.monotonic() - 5)))
         while self.intake.inflight and time.monotonic() < deadline - 2:
             await asyncio.sleep(0.01)
         left = await self.conversations.close(timeout=max(0.0, min(5.0, deadline - time.monotonic() - 2)))

@@ -59,6 +59,12 @@ class Keyring:
         old = tuple(replace(k, status="enabled") if k.status == "primary" else k for k in self.keys)
         return Keyring((*old, new_data_key(created, "primary")), self.generation)
 
+    def with_status(self, kids: set[str], status: str) -> Keyring:
+        """The same keys with those in `kids` set to `status` (retiring keys no file uses any more)."""
+        if status not in STATUSES or status == "primary":
+            raise ValueError(f"cannot set a key to {status!r} this way")
+        return Keyring(tuple(replace(k, status=status) if k.id in kids else k for k in self.keys), self.generation)
+
     def to_payload(self) -> bytes:
         return orjson.dumps(
             {"keys": [{"id": k.id, "status": k.status, "created": k.created, "key": k.key.hex()} for k in self.keys]}

@@ -114,8 +114,9 @@ def parse_payload(frames: Iterator[bytes]) -> SnapshotData:
     return SnapshotData(meta, claims, sessions, tombstones)
 
 
-def write_file(path: str, header: envelope.Header, key: bytes, pieces: Iterable[bytes]) -> int:
-    """Seal `pieces` into a new file at `path`, atomically and durably; returns the file's size."""
+def write_file(path: str, header: envelope.Header, key: bytes, pieces: Iterable[bytes], *, replace: bool = False) -> int:
+    """Seal `pieces` into a new file at `path`, atomically and durably; returns the file's size. A backup never
+    replaces a file unless `replace` says so (re-sealing one under a new key, or without a forgotten person)."""
     head, start = envelope.new_head(header, key)
     size = 0
 
@@ -131,7 +132,7 @@ def write_file(path: str, header: envelope.Header, key: bytes, pieces: Iterable[
 
         envelope.seal_stream(head, pieces, counted)
 
-    atomicfile.write_atomic(path, produce, overwrite=header.kind != "backup")
+    atomicfile.write_atomic(path, produce, overwrite=replace or header.kind != "backup")
     return size
 
 

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,15 @@ RECOVER_HINT = (
     "the store refuses to open and changes nothing; run `natalia-secure verify` to see every file's state "
     "and follow README.md, section Recovery"
 )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which version of a file this is (atomic replacement makes a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 @dataclass
@@ -109,6 +119,7 @@ class Store:
         self._lock: StoreLock | None = None
         self._snapshot_executor: ThreadPoolExecutor | None = None
         self._snapshot_lock: asyncio.Lock | None = None
+        self._backups_lock = threading.Lock()  # pruning (a default-executor thread) and re-sealing never interleave
         self.degraded: str | None = None
         self.last_snapshot_ms: int | None = None
         self.dropped_torn_tails = 0
@@ -151,13 +162,20 @@ class Store:
     @classmethod
     def _open_readonly(cls, state_dir: str, master: MasterKey, options: StoreOptions, clock: Callable[[], int]) -> Store:
         # A running daemon may compact while we read: a file we listed can vanish. The cut we read is still
-        # consistent once we read a chain and segments that all exist, so retry from the start.
+        # consistent once we read a chain and segments that all exist, so retry from the start. A key rotation
+        # may also seal new files under a key newer than the keyring we read: retry if the keyring changed.
+        ring_path = os.path.join(state_dir, keyring.FILENAME)
         for attempt in range(20):
+            ring_before = _identity(ring_path)
             store = cls(state_dir, master, options, clock)
             try:
                 store._load()
                 return store
             except FileNotFoundError:
+                time.sleep(0.05 * (attempt + 1))
+            except IntegrityError:
+                if _identity(ring_path) == ring_before:
+                    raise
                 time.sleep(0.05 * (attempt + 1))
         raise FileNotFoundError(errno.ENOENT, "a file kept vanishing while the store was read", state_dir)
 
@@ -452,19 +470,48 @@ class Store:
 
     def import_sessions(self, pairs: list[tuple[str, sessions.Session]]) -> None:
         """Add whole sessions (legacy import) in one atomic step: a new base snapshot holds them or nothing does."""
+        self._add_imported(pairs)
+        try:
+            self.snapshot(full=True)
+        except BaseException:
+            self._drop_imported(pairs)
+            raise
+
+    async def import_sessions_async(self, pairs: list[tuple[str, sessions.Session]]) -> None:
+        """import_sessions for the daemon: the base snapshot is sealed and written in a worker thread."""
+        self._add_imported(pairs)
+        try:
+            await self.snapshot_async(full=True)
+        except BaseException:
+            self._drop_imported(pairs)
+            raise
+
+    def _add_imported(self, pairs: list[tuple[str, sessions.Session]]) -> None:
         clash = [p for p, _ in pairs if p in self._table]
         if clash:
             raise InputError(f"{len(clash)} of the imported phones already have a session in the store; nothing imported")
+        if self.degraded:
+            raise StoreUnavailable(f"the store is degraded ({self.degraded}); nothing imported")
         for phone, session in pairs:
             self._table[phone] = sessions.encode(session)
             self._changed.add(phone)
-        try:
-            self.snapshot(full=True)
-        except BaseException:  # reported as failed, so it must not be done later by the next snapshot either
-            for phone, _ in pairs:
-                self._table.pop(phone, None)
-                self._changed.discard(phone)
-            raise
+
+    def _drop_imported(self, pairs: list[tuple[str, sessions.Session]]) -> None:
+        # reported as failed, so it must not be done later by the next snapshot either
+        for phone, _ in pairs:
+            self._table.pop(phone, None)
+            self._changed.discard(phone)
+
+    def forget_claims(self, matches: Callable[[str], bool]) -> int:
+        """Drop the dedup claims whose message id `matches` (forget: WhatsApp's ids carry the sender's number).
+        Memory only: the next full snapshot is written without them (a crash before it brings them back from the
+        journal, and `forget` run again drops them again)."""
+        gone = [k for k in self._claims if matches(k)]
+        for k in gone:
+            del self._claims[k]
+            self._new_claims.discard(k)
+            self._claim_lsn.pop(k, None)
+        return len(gone)
 
     # ---- durability ----
 
@@ -742,14 +789,65 @@ class Store:
     def prune_backups(self, policy: backups.Retention, dry_run: bool = False) -> backups.PruneResult:
         """Apply the retention policy; the newest backup that authenticates is always kept."""
         directory = os.path.join(self.state_dir, backups.DIRNAME)
-        good = self.newest_good_backup()
-        result = backups.plan_prune(self.list_backups(), policy, protect=good.name if good else None)
-        if not dry_run:
-            for info in result.remove:
-                os.unlink(os.path.join(directory, info.name))
-            if result.remove:
-                atomicfile.fsync_dir(directory)
+        with self._backups_lock:
+            good = self.newest_good_backup()
+            result = backups.plan_prune(self.list_backups(), policy, protect=good.name if good else None)
+            if not dry_run:
+                for info in result.remove:
+                    os.unlink(os.path.join(directory, info.name))
+                if result.remove:
+                    atomicfile.fsync_dir(directory)
         return result
+
+    async def reseal_backups_async(
+        self, forget: str | None = None, forget_claim: Callable[[str], bool] | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """Re-seal under the primary key every backup sealed by another key, or holding `forget`'s session or a
+        claim `forget_claim` matches (written without them). Same name, generation and creation time: a backup
+        keeps its place in the retention policy. Each file is replaced atomically, so a crash leaves every backup
+        whole under one key or the other. Returns (names rewritten, {name: why it could not be} for backups that
+        do not open: they are left as they are)."""
+        async with self._background() as executor:
+            primary = self.keyring.primary
+            keys = self.keyring.usable()
+
+            def work() -> tuple[list[str], dict[str, str]]:
+                rewritten: list[str] = []
+                failed: dict[str, str] = {}
+                with self._backups_lock:
+                    for info in self.list_backups():
+                        try:
+                            if self._reseal_backup(info.name, keys, primary, forget, forget_claim):
+                                rewritten.append(info.name)
+                        except FileNotFoundError:
+                            continue
+                        except IntegrityError as exc:
+                            failed[info.name] = str(exc)
+                return rewritten, failed
+
+            return await asyncio.get_running_loop().run_in_executor(executor, work)
+
+    def _reseal_backup(
+        self,
+        name: str,
+        keys: dict[str, bytes],
+        primary: keyring.DataKey,
+        forget: str | None,
+        forget_claim: Callable[[str], bool] | None,
+    ) -> bool:
+        path = os.path.join(self.state_dir, backups.DIRNAME, name)
+        header, data = snapshot.read_file(path, keys, "backup")
+        claims = {k: t for k, t in data.claims.items() if forget_claim is None or not forget_claim(k)}
+        if header.kid == primary.id and forget not in data.sessions and len(claims) == len(data.claims):
+            return False
+        items = [(p, body) for p, body in data.sessions.items() if p != forget]
+        meta = {**data.meta, "sessions": len(items)}
+        new = Header(kind="backup", kid=primary.id, generation=header.generation, created=header.created, chunk=header.chunk)
+        try:
+            snapshot.write_file(path, new, primary.key, snapshot.payload_pieces(meta, claims, items, []), replace=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot rewrite {path}: {exc.strerror or exc}; the backup is intact") from exc
+        return True
 
     # ---- reads ----
 
@@ -773,6 +871,11 @@ class Store:
             if phone in self._table:
                 yield phone, self.get(phone)
 
+    @property
+    def replayed(self) -> list[journal.SegmentRead]:
+        """The journal segments replayed at open (after the newest snapshot)."""
+        return list(self._replayed)
+
     def __len__(self) -> int:
         return len(self._table)
 
@@ -792,6 +895,16 @@ class Store:
         }
 
     # ---- keys ----
+
+    def save_keyring(self, ring: keyring.Keyring, master: MasterKey | None = None) -> keyring.Keyring:
+        """Durably replace keyring.enc with `ring`, sealed by `master` (default: the current master key), and use
+        it from now on: files sealed afterwards use its primary key (the journal from its next segment)."""
+        master = master or self.master
+        if self._journal is None:
+            raise NataliaError("the store is open read-only")
+        saved = keyring.save(self.state_dir, ring, master, self.clock())
+        self.master, self.keyring = master, saved
+        return saved
 
     def reload_keyring(self, master: MasterKey | None = None) -> None:
         """Re-read keyring.enc (after a rotation, or with a new master key): files sealed from now on use its

@@ -56,9 +56,7 @@ def _fill(report: FileReport, header: envelope.Header) -> None:
 def _check(path: str, rel: str, keys: dict[str, bytes] | None, kind: str, generation: int) -> FileReport:
     report = FileReport(rel, ok=False)
     try:
-        with atomicfile.open_regular(path) as f:
-            start = f.read(len(envelope.MAGIC) + 2 + envelope.MAX_HEADER_LEN)
-        header, _ = envelope.parse_prefix(start)
+        header = read_header(path)
         _fill(report, header)
         if header.generation != generation:
             report.error = f"the file says generation {header.generation}, its name says {generation}"
@@ -81,6 +79,63 @@ def _check(path: str, rel: str, keys: dict[str, bytes] | None, kind: str, genera
     return report
 
 
+@dataclass(frozen=True)
+class SealedFile:
+    rel: str  # relative to the state directory, as reports name it
+    path: str
+    kind: str  # the kind its name promises: "snapshot", "journal" or "backup"
+    generation: int  # from its name (a segment's number for the journal)
+
+
+# Names under the state directory that are not data files: the keyring (sealed by the master key, checked apart),
+# the backups directory (listed below), the control socket of a running daemon, and what `recover` moved aside.
+NOT_DATA = (keyring.FILENAME, backups.DIRNAME, "control.sock", "quarantine")
+
+
+def sealed_files(state_dir: str) -> tuple[list[SealedFile], list[str]]:
+    """Every sealed data file (snapshots, journal segments, backups) by name, and the names of unexpected files."""
+    files: list[SealedFile] = []
+    unexpected: list[str] = []
+    for name in sorted(os.listdir(state_dir)):
+        path = os.path.join(state_dir, name)
+        if m := snapshot.NAME.match(name):
+            files.append(SealedFile(name, path, "snapshot", int(m.group(1))))
+        elif m := journal.SEGMENT_NAME.match(name):
+            files.append(SealedFile(name, path, "journal", int(m.group(1))))
+        elif name in NOT_DATA or name.endswith(atomicfile.TEMP_SUFFIX):
+            continue  # temps are a crash's leftovers, removed by the next writer
+        else:
+            unexpected.append(name)
+    for info in backups.scan(os.path.join(state_dir, backups.DIRNAME)):
+        rel = os.path.join(backups.DIRNAME, info.name)
+        files.append(SealedFile(rel, os.path.join(state_dir, rel), "backup", info.generation))
+    return files, unexpected
+
+
+def read_header(path: str) -> envelope.Header:
+    """A sealed file's header, unauthenticated (the key id a file names, for `keys list`; verify authenticates)."""
+    with atomicfile.open_regular(path) as f:
+        start = f.read(len(envelope.MAGIC) + 2 + envelope.MAX_HEADER_LEN)
+    header, _ = envelope.parse_prefix(start)
+    return header
+
+
+def key_usage(state_dir: str) -> dict[str, list[str]]:
+    """Data key id -> the files whose header names it (a key may be retired only once this list is empty).
+    A file removed meanwhile (a running daemon compacts) is skipped; one whose header does not parse is listed
+    under "?" so that nothing is retired on a guess."""
+    usage: dict[str, list[str]] = {}
+    for f in sealed_files(state_dir)[0]:
+        try:
+            kid = read_header(f.path).kid
+        except FileNotFoundError:
+            continue
+        except (NataliaError, OSError):
+            kid = "?"
+        usage.setdefault(kid, []).append(f.rel)
+    return usage
+
+
 def verify_state_dir(state_dir: str, master: MasterKey) -> Report:
     from .store import Store  # late: store imports this package's modules too
 
@@ -101,19 +156,11 @@ def verify_state_dir(state_dir: str, master: MasterKey) -> Report:
         ring_report.error = str(exc).removeprefix(ring_path + ": ")
     report.files.append(ring_report)
 
-    for name in sorted(os.listdir(state_dir)):
-        path = os.path.join(state_dir, name)
-        if m := snapshot.NAME.match(name):
-            report.files.append(_check(path, name, keys, "snapshot", int(m.group(1))))
-        elif m := journal.SEGMENT_NAME.match(name):
-            report.files.append(_check(path, name, keys, "journal", int(m.group(1))))
-        elif name in (keyring.FILENAME, backups.DIRNAME) or name.endswith(atomicfile.TEMP_SUFFIX):
-            continue  # temps are a crash's leftovers, removed by the next writer
-        else:  # guarantee 2: everything here is sealed by us, so anything else deserves a look
-            report.files.append(FileReport(name, ok=False, error="unexpected file: not a natalia-secure sealed file"))
-    for info in backups.scan(os.path.join(state_dir, backups.DIRNAME)):
-        rel = os.path.join(backups.DIRNAME, info.name)
-        report.files.append(_check(os.path.join(state_dir, rel), rel, keys, "backup", info.generation))
+    files, unexpected = sealed_files(state_dir)
+    for sealed in files:
+        report.files.append(_check(sealed.path, sealed.rel, keys, sealed.kind, sealed.generation))
+    for name in unexpected:  # guarantee 2: everything here is sealed by us, so anything else deserves a look
+        report.files.append(FileReport(name, ok=False, error="unexpected file: not a natalia-secure sealed file"))
 
     try:
         store = Store.open(state_dir, master, readonly=True)
