@@ -3,11 +3,16 @@
 Configuration is read in main(), never at import time, so every mistake goes through the same error handling:
 each NataliaError is one line on stderr and its documented exit code (README.md, "Exit codes").
 Decrypted content goes to stdout only, never to a file.
+
+Read commands (list, show, stats, verify, export, keys list, backup --list) read the durable state (files) with or
+without the daemon and write nothing. Commands that change the store go through the daemon's control socket when
+it runs, else take the store lock and do the same operation here (admin.py): one writer, whichever route.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
@@ -16,13 +21,22 @@ from typing import Any, TextIO
 
 import orjson
 
-from . import __version__, config, daemon, keyring, masterkey, sessions
+from . import __version__, admin, config, control, daemon, inventory, keyring, masterkey, sessions
 from .atomicfile import ensure_private_dir
 from .clock import iso_utc, now_ms
-from .errors import ConfigError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable, UsageError
+from .errors import (
+    ConfigError,
+    InputError,
+    IntegrityError,
+    KeyMaterialError,
+    NataliaError,
+    NotFoundError,
+    StoreUnavailable,
+    UsageError,
+)
 from .lock import StoreLock
 from .store import Store, StoreOptions
-from .verify import verify_state_dir
+from .verify import key_usage, verify_state_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="master key and keyring", parents=[common])
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     keys_sub.add_parser("init", help="create the master key file (if absent) and the keyring", parents=[common])
+    keys_list = keys_sub.add_parser("list", help="data keys: id, status, created, the files each seals", parents=[common])
+    keys_list.add_argument("--json", action="store_true")
+    rotate = keys_sub.add_parser("rotate", help="new primary data key; re-seal everything on disk under it", parents=[common])
+    rotate.add_argument("--retire-old", action="store_true", help="then retire the old keys no file uses any more")
+    rotate.add_argument("--json", action="store_true")
+    retire = keys_sub.add_parser("retire", help="retire a data key no file uses any more", parents=[common])
+    retire.add_argument("kid", metavar="KID")
+    rotate_master = keys_sub.add_parser("rotate-master", help="re-wrap the keyring under a new master key", parents=[common])
+    rotate_master.add_argument("--new-master-key", required=True, metavar="FILE", help="the new master key file (0600)")
 
     imp = sub.add_parser("import-legacy", help="import the legacy plaintext sessions.json", parents=[common])
     imp.add_argument("file", metavar="FILE")
@@ -79,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="authenticate every sealed file", parents=[common])
     ver.add_argument("--json", action="store_true")
+
+    stats = sub.add_parser("stats", help="sessions, messages, store size and health, keys", parents=[common])
+    stats.add_argument("--json", action="store_true")
+
+    backup = sub.add_parser("backup", help="take a sealed backup now (or list them, or apply the retention)", parents=[common])
+    what = backup.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the backups")
+    what.add_argument("--prune", action="store_true", help="apply the retention policy (configuration: backups.keep_*)")
+    backup.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
+    backup.add_argument("--json", action="store_true")
+
+    export = sub.add_parser("export", help="one person's data as JSON on stdout (an access request)", parents=[common])
+    export.add_argument("phone", metavar="PHONE")
+
+    forget = sub.add_parser("forget", help="erase one person: live store, journal and every backup", parents=[common])
+    forget.add_argument("phone", metavar="PHONE")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    forget.add_argument("--json", action="store_true")
+
+    purge = sub.add_parser("purge", help="remove sessions inactive for more than N days", parents=[common])
+    purge.add_argument("--inactive-days", type=int, required=True, metavar="N")
+    purge.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    purge.add_argument("--json", action="store_true")
 
     sub.add_parser("serve", help="run the daemon (the WhatsApp webhook; systemd Type=notify)", parents=[common])
 
@@ -94,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 class Context:
     """What every command needs, resolved once from options and environment."""
 
-    def __init__(self, args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> None:
+    def __init__(self, args: argparse.Namespace, environ: os._Environ[str] | dict[str, str], err: TextIO) -> None:
         self.args = args
         self.environ = environ
+        self.err = err
         self.config_path = args.config or environ.get("NATALIA_CONFIG") or None
         self.cfg = config.load(self.config_path, environ)
         self.state_dir = args.state_dir or self.cfg.state_dir
@@ -119,6 +166,18 @@ class Context:
     def open(self, readonly: bool) -> Store:
         return Store.open(self.state_dir, self.master(), self.options, readonly=readonly)
 
+    def progress(self, line: str) -> None:
+        self.err.write(f"natalia-secure: {line}\n")
+        self.err.flush()
+
+    def change(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run an admin operation: through the daemon when it runs (its control socket), else here with the lock."""
+        result = control.call(self.state_dir, command, args, on_progress=self.progress)
+        if result is not None:
+            return result
+        with self.open(readonly=False) as store:
+            return asyncio.run(admin.OPERATIONS[command](store, args, self.progress))
+
 
 def _print_json(obj: Any, out: TextIO) -> None:
     out.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -135,11 +194,15 @@ def cmd_keys_init(ctx: Context, out: TextIO) -> int:
         master = masterkey.create_key_file(path)
         out.write(f"master key: created {path} (id {master.kid}); back it up: without it no file can be read\n")
     ensure_private_dir(ctx.state_dir, create=True)
+    ring_path = os.path.join(ctx.state_dir, keyring.FILENAME)
+    if os.path.exists(ring_path):  # a reader's check, no lock: the daemon may be running on it
+        ring = keyring.load(ctx.state_dir, master)  # proves the key opens it
+        out.write(f"keyring: {ring_path} already exists and opens with this master key (primary {ring.primary.id})\n")
+        return 0
     lock = StoreLock.acquire(ctx.state_dir, ctx.options.lock_wait)
     try:
-        ring_path = os.path.join(ctx.state_dir, keyring.FILENAME)
-        if os.path.exists(ring_path):
-            ring = keyring.load(ctx.state_dir, master)  # proves the key opens it
+        if os.path.exists(ring_path):  # created by another `keys init` meanwhile
+            ring = keyring.load(ctx.state_dir, master)
             out.write(f"keyring: {ring_path} already exists and opens with this master key (primary {ring.primary.id})\n")
             return 0
         now = now_ms()
@@ -156,11 +219,14 @@ def cmd_import_legacy(ctx: Context, out: TextIO) -> int:
             data = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read {ctx.args.file}: {exc.strerror}") from None
-    pairs = sessions.parse_legacy(data)
-    with ctx.open(readonly=False) as store:
-        store.import_sessions(pairs)
-        messages = sum(len(s["messages"]) for _, s in pairs)
-        out.write(f"imported {len(pairs)} sessions ({messages} messages) into snapshot generation {store.generation}\n")
+    sessions.parse_legacy(data)  # the first problem is reported here, before the daemon or the lock is involved
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{ctx.args.file} is not UTF-8 (byte {exc.start})") from None
+    r = ctx.change("import-legacy", {"data": text})
+    generation = r["snapshot_generation"]
+    out.write(f"imported {r['sessions']} sessions ({r['messages']} messages) into snapshot generation {generation}\n")
     return 0
 
 
@@ -218,6 +284,199 @@ def cmd_verify(ctx: Context, out: TextIO) -> int:
     return 0 if report.ok else IntegrityError.exit_code
 
 
+def _size(n: int) -> str:
+    """1.7K, as the legacy stats printed sizes (`du -h`)."""
+    value = float(n)
+    for unit in ("", "K", "M"):
+        if value < 1024:
+            return f"{n}" if not unit else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}G"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def cmd_stats(ctx: Context, out: TextIO) -> int:
+    st = inventory.stats(ctx.open(readonly=True), now_ms())
+    if ctx.args.json:
+        _print_json(st, out)
+        return 0
+    snap, jr, bk = st["last_snapshot"], st["journal"], st["backups"]
+    newest_backup = f", newest {bk['newest']} ({_age(bk['newest_age_s'])} ago)" if bk["newest"] else ""
+    lines = [
+        ("Total sessions", f"{st['sessions']}"),
+        ("Total messages", f"{st['messages']}"),
+        ("State directory", st["state_dir"]),
+        ("Size", _size(st["store_bytes"])),
+        ("Generation", f"{st['generation']} (base {st['base_generation']}, {st['deltas']} deltas after it)"),
+        ("Last snapshot", f"{snap['created']} ({_age(snap['age_s'])} ago)" if snap else "none yet"),
+        ("Journal", f"{jr['segments']} segments, {_size(jr['bytes'])}, {jr['records_since_snapshot']} records after it"),
+        ("Backups", f"{bk['count']}, {_size(bk['bytes'])}" + newest_backup),
+        ("Message ids kept", f"{st['claims']} (redeliveries refused for 7 days)"),
+    ]
+    for label, value in lines:
+        out.write(f"{label + ':':<18} {value}\n")
+    _keys_rows(st["keys"], out)
+    return 0
+
+
+def _keys_rows(rows: list[dict[str, Any]], out: TextIO) -> None:
+    out.write(f"{'KEY':<16} {'STATUS':<8} {'CREATED':<20} {'AGE':>8}  FILES\n")
+    for k in rows:
+        out.write(f"{k['id']:<16} {k['status']:<8} {k['created']:<20} {k['age_days']:>7}d  {len(k['files'])}\n")
+
+
+def cmd_keys_list(ctx: Context, out: TextIO) -> int:
+    ring = keyring.load(ctx.state_dir, ctx.master())
+    rows = inventory.keys_table(ring, key_usage(ctx.state_dir), now_ms())
+    if ctx.args.json:
+        _print_json(rows, out)
+        return 0
+    _keys_rows(rows, out)
+    for k in rows:
+        if k["files"]:
+            out.write(f"{k['id']}: {', '.join(k['files'])}\n")
+    return 0
+
+
+def cmd_keys_rotate(ctx: Context, out: TextIO) -> int:
+    r = ctx.change("keys.rotate", {"retire_old": ctx.args.retire_old})
+    if ctx.args.json:
+        _print_json(r, out)
+    else:
+        out.write(f"primary data key: {r['primary']}; snapshot generation {r['snapshot_generation']}; "
+                  f"{len(r['backups_resealed'])} backups re-sealed\n")
+        if r.get("retired"):
+            out.write(f"retired: {', '.join(r['retired'])}\n")
+        for kid, files in r.get("still_in_use", {}).items():
+            out.write(f"not retired: {kid} still seals {', '.join(files)}\n")
+        for name, why in r.get("backups_not_resealed", {}).items():
+            out.write(f"not re-sealed (does not open): {name}: {why}\n")
+        _keys_rows(r["keys"], out)
+    incomplete = r.get("backups_not_resealed") or (ctx.args.retire_old and r.get("still_in_use"))
+    return IntegrityError.exit_code if incomplete else 0
+
+
+def cmd_keys_retire(ctx: Context, out: TextIO) -> int:
+    r = ctx.change("keys.retire", {"kid": ctx.args.kid})
+    out.write(f"{ctx.args.kid} was already retired\n" if r.get("already_retired") else f"retired {ctx.args.kid}\n")
+    return 0
+
+
+def cmd_keys_rotate_master(ctx: Context, out: TextIO) -> int:
+    new_path = ctx.key_path(ctx.args.new_master_key)
+    new = masterkey.read_key_file(new_path)
+    current = ctx.master()
+    if _keyring_sealed_by(ctx.state_dir, new) and not _keyring_sealed_by(ctx.state_dir, current):
+        # a rerun after the keyring was re-wrapped (and before the configuration named the new key): nothing to do
+        out.write(f"the keyring is already sealed by master key {new.kid}; point the configuration at {new_path}\n")
+        return 0
+    r = ctx.change("keys.rotate-master", {"key": new.key.hex(), "source": new_path})
+    if not r["changed"]:
+        out.write(f"the keyring is already sealed by master key {r['master_key']}\n")
+        return 0
+    out.write(
+        f"keyring re-wrapped: master key {r['previous_master_key']} -> {r['master_key']}.\n"
+        f"Now make {new_path} the configured master key (NATALIA_MASTER_KEY_FILE or the systemd credential),\n"
+        "keep the old key until every copy of keyring.enc you keep elsewhere is replaced, and restart or reload the daemon.\n"
+    )
+    return 0
+
+
+def _keyring_sealed_by(state_dir: str, master: masterkey.MasterKey) -> bool:
+    try:
+        keyring.load(state_dir, master)
+        return True
+    except KeyMaterialError:
+        return False
+
+
+def cmd_backup(ctx: Context, out: TextIO) -> int:
+    if ctx.args.dry_run and not ctx.args.prune:
+        raise UsageError("--dry-run goes with --prune")
+    if ctx.args.list:
+        rows = inventory.backups_table(ctx.state_dir)
+        if ctx.args.json:
+            _print_json(rows, out)
+            return 0
+        out.write(f"{'BACKUP':<40} {'TIME (UTC)':<20} {'GEN':>6} {'SIZE':>8}  KEY\n")
+        for b in rows:
+            out.write(f"{b['name']:<40} {b['time']:<20} {b['generation']:>6} {_size(b['bytes']):>8}  {b['kid'] or '?'}\n")
+        out.write(f"{len(rows)} backups\n")
+        return 0
+    if ctx.args.prune:
+        cfg = ctx.cfg
+        retention = {"last": cfg.keep_last, "hourly": cfg.keep_hourly, "daily": cfg.keep_daily,
+                     "weekly": cfg.keep_weekly, "monthly": cfg.keep_monthly}  # fmt: skip
+        r = ctx.change("prune", {"retention": retention, "dry_run": ctx.args.dry_run})
+        if ctx.args.json:
+            _print_json(r, out)
+            return 0
+        verb = "would remove" if r["dry_run"] else "removed"
+        for name in r["remove"]:
+            out.write(f"{verb} {name}\n")
+        for name, rules in sorted(r["keep"].items()):
+            out.write(f"keep   {name}  ({', '.join(rules)})\n")
+        out.write(f"{len(r['keep'])} kept, {len(r['remove'])} {verb}\n")
+        return 0
+    r = ctx.change("backup", {})
+    if ctx.args.json:
+        _print_json(r, out)
+    else:
+        out.write(f"backup {r['backup']} ({r['sessions']} sessions, generation {r['generation']})\n")
+    return 0
+
+
+def cmd_export(ctx: Context, out: TextIO) -> int:
+    store = ctx.open(readonly=True)
+    phone, _ = _find(store, ctx.args.phone)
+    _print_json(inventory.export(store, phone, now_ms()), out)
+    return 0
+
+
+def cmd_forget(ctx: Context, out: TextIO) -> int:
+    phone = ctx.args.phone.removeprefix("+")
+    if not ctx.args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("forget erases a person's data everywhere, backups included: add --yes to confirm")
+        ctx.err.write(f"Erase every trace of {phone} from the store, its journal and every backup? Type the number again: ")
+        ctx.err.flush()
+        if sys.stdin.readline().strip().removeprefix("+") != phone:
+            raise UsageError("not confirmed; nothing changed")
+    r = ctx.change("forget", {"phone": phone})
+    if ctx.args.json:
+        _print_json(r, out)
+        return 0
+    out.write(
+        f"forgot {r['phone']}: {r['messages_removed']} messages, {r['claims_removed']} message ids; "
+        f"snapshot generation {r['snapshot_generation']}; {len(r['backups_rewritten'])} backups rewritten\n"
+        f"verified: {r['verified']}\n"
+    )
+    for m in r["mentions_in_other_sessions"]:
+        out.write(f"note: the number also appears in {m['count']} other people's messages in {m['file']} (not theirs to erase)\n")
+    return 0
+
+
+def cmd_purge(ctx: Context, out: TextIO) -> int:
+    r = ctx.change("purge", {"days": ctx.args.inactive_days, "dry_run": ctx.args.dry_run})
+    if ctx.args.json:
+        _print_json(r, out)
+        return 0
+    for row in r["sessions"]:
+        last = f"  last activity {row['last_activity']}" if "last_activity" in row else ""
+        out.write(f"{'would remove' if r['dry_run'] else 'removed'} {row['phone']}{last}\n")
+    verb = "would be removed" if r["dry_run"] else "removed"
+    out.write(f"{len(r['sessions'])} sessions inactive for more than {r['inactive_days']} days {verb}\n")
+    return 0
+
+
 def cmd_serve(ctx: Context, out: TextIO) -> int:
     overrides: dict[str, Any] = {"state_dir": ctx.state_dir}
     ctx.key_path(masterkey.locate(ctx.explicit_key, ctx.environ))
@@ -235,6 +494,15 @@ def cmd_demo(ctx: Context, out: TextIO) -> int:
 
 COMMANDS = {
     ("keys", "init"): cmd_keys_init,
+    ("keys", "list"): cmd_keys_list,
+    ("keys", "rotate"): cmd_keys_rotate,
+    ("keys", "retire"): cmd_keys_retire,
+    ("keys", "rotate-master"): cmd_keys_rotate_master,
+    ("stats", None): cmd_stats,
+    ("backup", None): cmd_backup,
+    ("export", None): cmd_export,
+    ("forget", None): cmd_forget,
+    ("purge", None): cmd_purge,
     ("import-legacy", None): cmd_import_legacy,
     ("list", None): cmd_list,
     ("show", None): cmd_show,
@@ -255,7 +523,7 @@ def main(
     environ = os.environ if environ is None else environ
     try:
         args = build_parser().parse_args(argv)
-        ctx = Context(args, environ)
+        ctx = Context(args, environ, err)
         return COMMANDS[(args.command, getattr(args, "keys_command", None))](ctx, out)
     except NataliaError as exc:
         err.write(f"natalia-secure: error: {exc}\n")
