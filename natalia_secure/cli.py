@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
     backup.add_argument("--json", action="store_true")
 
+    recover = sub.add_parser("recover", help="after a refused start: set bad files aside, restore, replay", parents=[common])
+    recover.add_argument("--from-backup", metavar="NAME", help="restore this backup (default: the newest good state)")
+    recover.add_argument("--json", action="store_true")
+
     export = sub.add_parser("export", help="one person's data as JSON on stdout (an access request)", parents=[common])
     export.add_argument("phone", metavar="PHONE")
 
@@ -434,6 +438,18 @@ def cmd_backup(ctx: Context, out: TextIO) -> int:
     return 0
 
 
+def cmd_recover(ctx: Context, out: TextIO) -> int:
+    from . import recover  # only this command needs it
+
+    report = recover.recover(ctx.state_dir, ctx.master(), ctx.args.from_backup, lock_wait=ctx.options.lock_wait)
+    if ctx.args.json:
+        _print_json(report.to_json(), out)
+    else:
+        for line in report.lines():
+            out.write(line + "\n")
+    return 0
+
+
 def cmd_export(ctx: Context, out: TextIO) -> int:
     store = ctx.open(readonly=True)
     phone, _ = _find(store, ctx.args.phone)
@@ -500,6 +516,7 @@ COMMANDS = {
     ("keys", "rotate-master"): cmd_keys_rotate_master,
     ("stats", None): cmd_stats,
     ("backup", None): cmd_backup,
+    ("recover", None): cmd_recover,
     ("export", None): cmd_export,
     ("forget", None): cmd_forget,
     ("purge", None): cmd_purge,

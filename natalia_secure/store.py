@@ -41,6 +41,7 @@ from .envelope import DEFAULT_CHUNK, MAX_RECORD, Header
 from .errors import InputError, IntegrityError, NataliaError, NotFoundError, StoreUnavailable
 from .lock import StoreLock
 from .masterkey import MasterKey
+from .snapshot import SnapshotData
 
 DAY_MS = 86_400_000
 # Said once, by open(), after every reason a store refuses to open (guarantee 3: name the file, say how to recover).
@@ -50,7 +51,7 @@ RECOVER_HINT = (
 )
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def file_identity(path: str) -> tuple[int, int] | None:
     """Which version of a file this is (atomic replacement makes a new inode)."""
     try:
         st = os.stat(path)
@@ -166,7 +167,7 @@ class Store:
         # may also seal new files under a key newer than the keyring we read: retry if the keyring changed.
         ring_path = os.path.join(state_dir, keyring.FILENAME)
         for attempt in range(20):
-            ring_before = _identity(ring_path)
+            ring_before = file_identity(ring_path)
             store = cls(state_dir, master, options, clock)
             try:
                 store._load()
@@ -174,7 +175,7 @@ class Store:
             except FileNotFoundError:
                 time.sleep(0.05 * (attempt + 1))
             except IntegrityError:
-                if _identity(ring_path) == ring_before:
+                if file_identity(ring_path) == ring_before:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise FileNotFoundError(errno.ENOENT, "a file kept vanishing while the store was read", state_dir)
@@ -758,15 +759,19 @@ class Store:
         return _Plan("backup", path, self.generation, True, meta, claims, items, [], set(), set(), primary.id, primary.key)
 
     def backup(self) -> str:
-        """Seal a self-contained copy of the current state into backups/; returns its path."""
+        """Seal a self-contained copy of the current state into backups/; returns its path. Only durable state is
+        copied: the lsn a backup names must never be reused by a record that a crash made vanish."""
+        if self._journal is not None:
+            self.flush()
         plan = self._backup_plan()
         self._write(plan)
         return plan.path
 
     async def backup_async(self) -> str:
-        """The daemon's backup: like snapshot_async, sealed and written in a worker thread."""
+        """The daemon's backup: like snapshot_async, sealed and written in a worker thread (once its cut is durable)."""
         async with self._background() as executor:
             plan = self._backup_plan()
+            await self.wait_durable(plan.meta["lsn"])
             await asyncio.get_running_loop().run_in_executor(executor, self._write, plan)
             return plan.path
 
@@ -848,6 +853,22 @@ class Store:
         except OSError as exc:
             raise StoreUnavailable(f"cannot rewrite {path}: {exc.strerror or exc}; the backup is intact") from exc
         return True
+
+    # ---- rebuilding (recover.py): a Store that never touches a file, fed snapshots and records ----
+
+    def apply_snapshot(self, data: SnapshotData) -> None:
+        """Apply a snapshot's content, exactly as open does (a base or delta, in chain order)."""
+        self._apply_snapshot(data)
+
+    def replay(self, payload: bytes, lsn: int, path: str) -> None:
+        """Apply one journal record, exactly as open does; IntegrityError names the record if it is not a change."""
+        self._replay(payload, lsn, path)
+
+    def contents(self) -> tuple[dict[str, bytes], dict[str, int]]:
+        """Every session as its encoded bytes, and the claims: what a base snapshot of this state would hold."""
+        self._encode_hot()
+        table: dict[str, bytes] = self._table  # type: ignore[assignment]  # every value is bytes after _encode_hot
+        return table, self._claims
 
     # ---- reads ----
 

@@ -136,11 +136,23 @@ def key_usage(state_dir: str) -> dict[str, list[str]]:
     return usage
 
 
-def verify_state_dir(state_dir: str, master: MasterKey) -> Report:
-    from .store import Store  # late: store imports this package's modules too
+def verify_state_dir(state_dir: str, master: MasterKey, *, retries: int = 3) -> Report:
+    from .store import file_identity  # late: store imports this package's modules too
+
+    ring_path = os.path.join(state_dir, keyring.FILENAME)
+    before = file_identity(ring_path)
+    report = _verify(state_dir, master, ring_path)
+    if not report.ok and retries and file_identity(ring_path) != before:
+        # a key rotation ran meanwhile (the daemon's, through its control socket): files sealed under a key newer
+        # than the keyring we read are not failures; look again with the new keyring
+        return verify_state_dir(state_dir, master, retries=retries - 1)
+    return report
+
+
+def _verify(state_dir: str, master: MasterKey, ring_path: str) -> Report:
+    from .store import Store
 
     report = Report()
-    ring_path = os.path.join(state_dir, keyring.FILENAME)
     keys: dict[str, bytes] | None = None
     ring_report = FileReport(keyring.FILENAME, ok=False)
     try:

@@ -281,3 +281,37 @@ def test_writer_command_fails_fast_on_a_held_lock_and_waits_with_wait(imported: 
     finally:
         holder.close()
     assert "111222333" in run(imported, "list").out
+
+
+def test_recover_sets_a_tampered_snapshot_aside_and_the_store_opens_again(imported: dict[str, str]) -> None:
+    """`recover` after a refused open: the bad file moves to quarantine/ (bytes kept), what was lost is named, the
+    store opens and `verify` passes; a second run has nothing to do; with the lock held it is exit 6."""
+    from natalia_secure.lock import StoreLock
+
+    state = imported["NATALIA_STATE_DIR"]
+    master = masterkey.read_key_file(imported["NATALIA_MASTER_KEY_FILE"])
+    with Store.open(state, master) as store:
+        store.backup()
+        store.add_message("15550001111", "user", "hola", store.clock())
+        store.flush()
+        store.snapshot()
+    newest = sorted(n for n in os.listdir(state) if n.startswith("snapshot."))[-1]
+    with open(os.path.join(state, newest), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x00\x00")
+    damaged = open(os.path.join(state, newest), "rb").read()
+    assert run(imported, "list").code == 5
+    lock = StoreLock.acquire(state)
+    try:
+        assert run(imported, "recover").code == 6
+    finally:
+        lock.release()
+    result = run(imported, "recover")
+    assert result.code == 0, result.err
+    assert f"moved aside: {newest}" in result.out and "new base:" in result.out
+    moved = os.listdir(os.path.join(state, "quarantine"))
+    assert len(moved) == 1 and open(os.path.join(state, "quarantine", moved[0]), "rb").read() == damaged
+    assert run(imported, "verify").code == 0
+    assert len(run(imported, "list", "--json").out) > 0 and run(imported, "list").code == 0
+    again = run(imported, "recover", "--json")
+    assert again.code == 0 and json.loads(again.out)["nothing_to_recover"] is True
