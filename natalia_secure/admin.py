@@ -1,8 +1,9 @@
 """The admin commands that change the store, one implementation for both routes (guarantee 6: one writer):
 
     daemon running   the command line sends {"command", "args"} over the control socket (control.py) and the daemon
-                     runs the operation on its own store, between webhooks: nothing is lost, and the daemon never
-                     seals with a key that is no longer primary
+                     runs the operation on its own store, between webhooks: nothing is lost, and every file the
+                     daemon creates after a rotation is sealed with the new primary key (records appended before the
+                     rotation's snapshot go to the segment begun under the old key, which that snapshot supersedes)
     daemon stopped   the command line takes the store lock, opens the store and runs the same operation itself
 
 Each operation is `async (store, args, progress) -> result`: async because the daemon's snapshots and backups
@@ -26,7 +27,7 @@ from .clock import iso_utc
 from .errors import NotFoundError, StoreUnavailable, UsageError
 from .inventory import Trace, find_person, keys_table, own_data, wamid_names
 from .store import Store
-from .verify import key_usage
+from .verify import QUARANTINE, key_usage
 
 Progress = Callable[[str], None]
 Operation = Callable[[Store, dict[str, Any], Progress], Coroutine[Any, Any, dict[str, Any]]]
@@ -47,7 +48,8 @@ async def backup_now(store: Store, args: dict[str, Any], progress: Progress) -> 
 
 
 async def prune_backups(store: Store, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    policy = backups.Retention(**{k: _arg(args["retention"], k, int) for k in ("last", "hourly", "daily", "weekly", "monthly")})
+    retention = _arg(args, "retention", dict)
+    policy = backups.Retention(**{k: _arg(retention, k, int) for k in ("last", "hourly", "daily", "weekly", "monthly")})
     dry_run = _arg(args, "dry_run", bool, False)
     result = await asyncio.get_running_loop().run_in_executor(None, store.prune_backups, policy, dry_run)
     return {"dry_run": dry_run, "keep": result.keep, "remove": [info.name for info in result.remove]}
@@ -61,7 +63,7 @@ async def rotate_keys(store: Store, args: dict[str, Any], progress: Progress) ->
     # A full snapshot under the new key: it replaces every older snapshot, and the journal starts a new segment
     # under the new key (the segments it covers are removed once it is durable).
     generation = await store.snapshot_async(full=True)
-    progress(f"snapshot g{generation:06d} sealed under {ring.primary.id}; older snapshots and journal segments removed")
+    progress(f"snapshot g{generation:06d} sealed under {ring.primary.id} (it replaces the older snapshots and journal segments)")
     resealed, failed = await store.reseal_backups_async()
     progress(f"{len(resealed)} backups re-sealed under {ring.primary.id}")
     result: dict[str, Any] = {"primary": ring.primary.id, "snapshot_generation": generation, "backups_resealed": resealed}
@@ -104,7 +106,13 @@ async def retire_key(store: Store, args: dict[str, Any], progress: Progress) -> 
 
 async def rotate_master(store: Store, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Re-wrap the keyring under a new master key (the only file the master key seals)."""
-    new = masterkey.MasterKey(bytes.fromhex(_arg(args, "key", str)), _arg(args, "source", str, "the new master key"))
+    try:
+        key = bytes.fromhex(_arg(args, "key", str))
+    except ValueError:
+        raise UsageError("argument 'key' must be hex") from None
+    if len(key) != masterkey.KEY_LEN:  # what a key file can hold: anything else would lock every command out
+        raise UsageError(f"a master key is {masterkey.KEY_LEN} bytes, not {len(key)}")
+    new = masterkey.MasterKey(key, _arg(args, "source", str, "the new master key"))
     old = store.master.kid
     if new.kid == old:
         return {"master_key": new.kid, "changed": False}
@@ -117,9 +125,11 @@ async def forget(store: Store, args: dict[str, Any], progress: Progress) -> dict
     """Erase one person from the live store, the journal and every backup, then prove it by decrypting every file.
     Idempotent: after a crash, run it again (it also finds them in backups alone)."""
     phone = sessions.check_phone(_arg(args, "phone", str)).removeprefix("+")
-    before = own_data(await _find(store, phone))
+    before = [t for t in await _find(store, phone) if t.where not in ("mention", "unreadable")]
     if phone not in store and not before:
-        raise NotFoundError("no data for that phone in the store or its backups; nothing changed")
+        raise NotFoundError(
+            "no data for that phone in the store or its backups (never there, or forgotten already); nothing changed"
+        )
     messages = len(store.view(phone)["messages"]) if phone in store else 0
     lsn = store.purge(phone)
     if lsn is not None:
@@ -128,7 +138,7 @@ async def forget(store: Store, args: dict[str, Any], progress: Progress) -> dict
     claims = store.forget_claims(partial(_names, phone))
     # A new base without them replaces every snapshot, and the journal segments that held their records go with it.
     generation = await store.snapshot_async(full=True)
-    progress(f"snapshot g{generation:06d} written without them; older snapshots and journal segments removed")
+    progress(f"snapshot g{generation:06d} written without them (it replaces the older snapshots and journal segments)")
     resealed, failed = await store.reseal_backups_async(forget=phone, forget_claim=partial(_names, phone))
     progress(f"{len(resealed)} backups rewritten without them")
     if failed:
@@ -137,11 +147,7 @@ async def forget(store: Store, args: dict[str, Any], progress: Progress) -> dict
             "run `natalia-secure verify`, remove or restore those files, then run forget again"
         )
     after = await _find(store, phone)
-    left = own_data(after)
-    if left:
-        where = ", ".join(sorted({t.file for t in left}))
-        reason = " (they wrote again meanwhile: a new session)" if phone in store else ""
-        raise StoreUnavailable(f"still found after forgetting{reason}: {where}; run forget again")
+    _proven_gone(phone in store, own_data(after))
     mentions = [t.to_json() for t in after]
     return {
         "phone": phone,
@@ -152,6 +158,23 @@ async def forget(store: Store, args: dict[str, Any], progress: Progress) -> dict
         "verified": "every sealed file decrypted: none holds their session, records or message ids",
         "mentions_in_other_sessions": mentions,
     }
+
+
+def _proven_gone(present: bool, left: list[Trace]) -> None:
+    """forget's last word: StoreUnavailable (exit 7) naming each file that may still hold the person."""
+    held = sorted({t.file for t in left if not t.file.startswith(QUARANTINE + "/")})
+    kept = sorted({t.file for t in left if t.file.startswith(QUARANTINE + "/") and t.where != "unreadable"})
+    unreadable = sorted({t.file for t in left if t.where == "unreadable"})
+    problems = []
+    if held:
+        problems.append(f"still found in {', '.join(held)}" + (" (they wrote again meanwhile)" if present else ""))
+    if kept:
+        problems.append(f"{', '.join(kept)} (moved aside by recover, kept as evidence) holds them")
+    if unreadable:
+        problems.append(f"{', '.join(unreadable)} (moved aside by recover) does not open, so it cannot be shown not to hold them")
+    if problems:
+        advice = "run forget again" if held else "everything else is done: delete it once investigated"
+        raise StoreUnavailable(f"{'; '.join(problems)}; {advice}")
 
 
 async def _find(store: Store, phone: str) -> list[Trace]:
@@ -168,14 +191,10 @@ async def purge_inactive(store: Store, args: dict[str, Any], progress: Progress)
     if days < 1:
         raise UsageError("--inactive-days must be at least 1")
     dry_run = _arg(args, "dry_run", bool, False)
-    now = store.clock()
     if dry_run:
-        idle = [
-            {"phone": p, "last_activity": iso_utc(s["lastActivity"])}
-            for p, s in store.items()
-            if sessions.is_inactive(s, now, days * DAY_MS)
-        ]
-        return {"dry_run": True, "inactive_days": days, "sessions": sorted(idle, key=lambda r: r["phone"])}
+        idle = await store.inactive_async(days * DAY_MS)  # examined in slices: the daemon's loop keeps serving
+        rows = [{"phone": p, "last_activity": iso_utc(last)} for p, last in sorted(idle.items())]
+        return {"dry_run": True, "inactive_days": days, "sessions": rows}
     gone = await store.purge_inactive_async(days * DAY_MS)
     if gone:
         await store.wait_durable(store.lsn)
@@ -184,7 +203,9 @@ async def purge_inactive(store: Store, args: dict[str, Any], progress: Progress)
 
 
 async def import_legacy(store: Store, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    pairs = sessions.parse_legacy(_arg(args, "data", str).encode())
+    data = _arg(args, "data", str).encode()
+    # parsing a large file holds the loop for seconds in the daemon: a worker thread (the lock route runs it the same)
+    pairs = await asyncio.get_running_loop().run_in_executor(None, sessions.parse_legacy, data)
     await store.import_sessions_async(pairs)
     messages = sum(len(s["messages"]) for _, s in pairs)
     return {"sessions": len(pairs), "messages": messages, "snapshot_generation": store.generation}

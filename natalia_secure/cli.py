@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from . import __version__, admin, config, control, daemon, inventory, keyring, masterkey, sessions
+from . import __version__, admin, config, control, inventory, keyring, masterkey, sessions
 from .atomicfile import ensure_private_dir
 from .clock import iso_utc, now_ms
 from .errors import (
@@ -29,13 +29,14 @@ from .errors import (
     InputError,
     IntegrityError,
     KeyMaterialError,
+    LockHeldError,
     NataliaError,
     NotFoundError,
     StoreUnavailable,
     UsageError,
 )
 from .lock import StoreLock
-from .store import Store, StoreOptions
+from .store import Store, StoreOptions, file_identity
 from .verify import key_usage, verify_state_dir
 
 
@@ -176,10 +177,21 @@ class Context:
 
     def change(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         """Run an admin operation: through the daemon when it runs (its control socket), else here with the lock."""
-        result = control.call(self.state_dir, command, args, on_progress=self.progress)
-        if result is not None:
-            return result
-        with self.open(readonly=False) as store:
+        size = len(orjson.dumps(args))
+        if size <= control.MAX_REQUEST - 1024:
+            result = control.call(self.state_dir, command, args, on_progress=self.progress)
+            if result is not None:
+                return result
+        try:
+            store = self.open(readonly=False)
+        except LockHeldError:
+            if size > control.MAX_REQUEST - 1024:
+                raise LockHeldError(
+                    f"this request is {size >> 20} MiB, more than a running daemon takes through its control socket "
+                    f"({control.MAX_REQUEST >> 20} MiB): stop the daemon and run the command again"
+                ) from None
+            raise
+        with store:
             return asyncio.run(admin.OPERATIONS[command](store, args, self.progress))
 
 
@@ -274,7 +286,10 @@ def cmd_show(ctx: Context, out: TextIO) -> int:
 
 
 def cmd_verify(ctx: Context, out: TextIO) -> int:
-    report = verify_state_dir(ctx.state_dir, ctx.master())
+    master = ctx.master()
+    if os.path.exists(os.path.join(ctx.state_dir, keyring.FILENAME)):
+        _keyring_sealed_by(ctx.state_dir, master, strict=True)  # the wrong master key is exit 4, not a tampered file
+    report = verify_state_dir(ctx.state_dir, master)
     if ctx.args.json:
         _print_json(report.to_json(), out)
     else:
@@ -394,12 +409,17 @@ def cmd_keys_rotate_master(ctx: Context, out: TextIO) -> int:
     return 0
 
 
-def _keyring_sealed_by(state_dir: str, master: masterkey.MasterKey) -> bool:
+def _keyring_sealed_by(state_dir: str, master: masterkey.MasterKey, strict: bool = False) -> bool:
+    """Whether `master` opens the keyring (a damaged keyring is verify's to report); strict: KeyMaterialError if not."""
     try:
         keyring.load(state_dir, master)
         return True
     except KeyMaterialError:
+        if strict:
+            raise
         return False
+    except IntegrityError:
+        return True
 
 
 def cmd_backup(ctx: Context, out: TextIO) -> int:
@@ -451,9 +471,18 @@ def cmd_recover(ctx: Context, out: TextIO) -> int:
 
 
 def cmd_export(ctx: Context, out: TextIO) -> int:
-    store = ctx.open(readonly=True)
-    phone, _ = _find(store, ctx.args.phone)
-    _print_json(inventory.export(store, phone, now_ms()), out)
+    ring_path = os.path.join(ctx.state_dir, keyring.FILENAME)
+    for attempt in range(3):
+        before = file_identity(ring_path)
+        store = ctx.open(readonly=True)
+        phone, _ = _find(store, ctx.args.phone)
+        try:
+            exported = inventory.export(store, phone, now_ms())
+            break
+        except IntegrityError:  # a rotation by the daemon sealed files under a key newer than the keyring we read
+            if attempt == 2 or file_identity(ring_path) == before:
+                raise
+    _print_json(exported, out)
     return 0
 
 
@@ -494,6 +523,8 @@ def cmd_purge(ctx: Context, out: TextIO) -> int:
 
 
 def cmd_serve(ctx: Context, out: TextIO) -> int:
+    from . import daemon  # Tornado and the reply path: not for the admin commands (~70 ms of every start)
+
     overrides: dict[str, Any] = {"state_dir": ctx.state_dir}
     ctx.key_path(masterkey.locate(ctx.explicit_key, ctx.environ))
     cfg = dataclasses.replace(ctx.cfg, **overrides)
@@ -545,6 +576,10 @@ def main(
     except NataliaError as exc:
         err.write(f"natalia-secure: error: {exc}\n")
         return exc.exit_code
+    except BrokenPipeError:  # `natalia-secure list | head`: the reader has what it wanted (an OSError: first)
+        if out is sys.stdout:  # and the interpreter's own flush at exit must not complain either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # an I/O failure outside the store's own handling: one clear line, never a traceback
         where = f" ({exc.filename})" if exc.filename else ""
         err.write(f"natalia-secure: error: {exc.strerror or exc}{where}\n")
@@ -552,8 +587,6 @@ def main(
     except KeyboardInterrupt:
         err.write("natalia-secure: interrupted\n")
         return 130
-    except BrokenPipeError:
-        return 0  # `natalia-secure list | head`
 
 
 def run() -> None:

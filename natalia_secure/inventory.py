@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,9 @@ import orjson
 
 from . import backups, journal, keyring, snapshot
 from .clock import iso_utc
-from .errors import NataliaError
+from .errors import IntegrityError, NataliaError
 from .store import Store
-from .verify import SealedFile, key_usage, read_header, sealed_files
+from .verify import SealedFile, key_usage, quarantined_files, read_header, sealed_files
 
 
 def _size(path: str) -> int:
@@ -115,22 +116,25 @@ def backups_table(state_dir: str) -> list[dict[str, Any]]:
 
 def wamid_names(message_id: str, phone: str) -> bool:
     """Whether a WhatsApp message id carries this phone number. Meta's ids are "wamid." + base64 of a small binary
-    record that holds the sender's number in clear (e.g. "wamid.HBgLMTU1NTAx..." decodes to b"\\x1c\\x18\\x0b1555..."),
-    so an id is personal data: forget drops such claims. An id that is not base64 is searched as text."""
-    if phone in message_id:
-        return True
+    record whose first field is the sender's number, length-prefixed (e.g. "wamid.HBgLMTU1NTAx..." decodes to
+    b"\x1c\x18\x0b15550..."), so an id is personal data: forget drops such claims. The field is compared whole, so
+    a number one digit short never matches someone else's; an id of another shape matches only where the number
+    stands alone between non-digits."""
     body = message_id.removeprefix("wamid.")
     try:
-        raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_") if body else b""
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True) if body else b""
     except (binascii.Error, ValueError):
-        return False
-    return phone.encode() in raw
+        raw = b""
+    if len(raw) > 3 and raw[1] == 0x18 and 3 + raw[2] <= len(raw):
+        return raw[3 : 3 + raw[2]] == phone.encode()
+    return re.search(rf"(?<!\d){re.escape(phone)}(?!\d)", message_id) is not None
 
 
 @dataclass(frozen=True)
 class Trace:
     file: str
     where: str  # "session", "tombstone", "record", "claim": the person's own data | "mention": in someone else's text
+    #             | "unreadable": a quarantined file that does not open (it may hold anything)
     count: int = 1
 
     def to_json(self) -> dict[str, Any]:
@@ -140,19 +144,28 @@ class Trace:
 def find_person(state_dir: str, keys: dict[str, bytes], phone: str) -> list[Trace]:
     """Decrypt every sealed file and say where `phone` still appears: as a session, a tombstone, a journal record
     of theirs or a claim of one of their message ids (their data), or as text inside other sessions (a "mention":
-    what someone else wrote, not theirs to erase). A file that does not open raises IntegrityError: a proof that
-    skipped a file would prove nothing."""
+    what someone else wrote, not theirs to erase). Files `recover` moved to quarantine/ are read too (evidence it
+    kept: some authenticate); one of them that does not open is reported "unreadable". Any other file that does not
+    open raises IntegrityError: a proof that skipped a file would prove nothing."""
     traces: list[Trace] = []
     needle = phone.encode()
     for f in sealed_files(state_dir)[0]:
         try:
-            if f.kind == "journal":
-                traces += _in_segment(f, keys, phone, needle)
-            else:
-                traces += _in_snapshot(f, keys, phone, needle)
+            traces += _in_file(f, keys, phone, needle)
         except FileNotFoundError:
             continue  # compacted meanwhile: its content is in the newer files we read after it
+    for f in quarantined_files(state_dir):
+        try:
+            traces += _in_file(f, keys, phone, needle)
+        except IntegrityError:
+            traces.append(Trace(f.rel, "unreadable"))
+        except FileNotFoundError:
+            continue
     return traces
+
+
+def _in_file(f: SealedFile, keys: dict[str, bytes], phone: str, needle: bytes) -> list[Trace]:
+    return _in_segment(f, keys, phone, needle) if f.kind == "journal" else _in_snapshot(f, keys, phone, needle)
 
 
 def _in_snapshot(f: SealedFile, keys: dict[str, bytes], phone: str, needle: bytes) -> list[Trace]:
@@ -186,6 +199,7 @@ def _in_segment(f: SealedFile, keys: dict[str, bytes], phone: str, needle: bytes
 
 
 def own_data(traces: Iterable[Trace]) -> list[Trace]:
+    """What may be theirs: everything but mentions (an unreadable file cannot be shown not to hold them)."""
     return [t for t in traces if t.where != "mention"]
 
 

@@ -26,7 +26,6 @@ so a rerun computes the same state from the same good files.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,9 +41,8 @@ from .lock import StoreLock
 from .masterkey import MasterKey
 from .store import Store, StoreOptions
 
-QUARANTINE = "quarantine"
 # What _move makes of a name: `snapshot.g000003.enc.20261125T101530Z`, `.1` added if that name is taken.
-_MOVED = re.compile(r"(.+\.enc)\.\d{8}T\d{6}Z(?:\.\d+)?\Z")
+_MOVED = verify.QUARANTINED_NAME
 
 
 # ---- the report ----
@@ -323,7 +321,7 @@ def _records(files: list[_File]) -> Iterator[tuple[int, bytes, _File]]:
 def _quarantined(state_dir: str) -> list[str]:
     """The original names of what earlier runs moved aside."""
     try:
-        names = os.listdir(os.path.join(state_dir, QUARANTINE))
+        names = os.listdir(os.path.join(state_dir, verify.QUARANTINE))
     except FileNotFoundError:
         return []
     return [m.group(1) for n in names if (m := _MOVED.match(n))]
@@ -331,7 +329,7 @@ def _quarantined(state_dir: str) -> list[str]:
 
 def _move(state_dir: str, f: _File, now: int) -> str:
     """Rename one file into quarantine/ under a name never used there; both directories fsynced (rename(2))."""
-    directory = atomicfile.ensure_subdir(state_dir, QUARANTINE)
+    directory = atomicfile.ensure_subdir(state_dir, verify.QUARANTINE)
     target = os.path.join(directory, f"{os.path.basename(f.rel)}.{compact_utc(now)}")
     n = 0
     while os.path.lexists(target):  # we hold the lock: nobody else adds names here meanwhile
@@ -384,7 +382,7 @@ def _recover(state_dir: str, master: MasterKey, from_backup: str | None, now: in
     report = RecoveryReport(state_dir)
     earlier = _quarantined(state_dir)
     if earlier:
-        report.notes.append(f"{QUARANTINE}/ already holds {len(earlier)} files moved aside by an earlier run")
+        report.notes.append(f"{verify.QUARANTINE}/ already holds {len(earlier)} files moved aside by an earlier run")
     if _opens(state_dir, master, files):
         if from_backup is not None:
             raise UsageError("the store opens; recover only repairs a store that refuses to open")
@@ -496,7 +494,7 @@ def _write_base(
         snapshot.write_file(path, header, primary.key, snapshot.payload_pieces(meta, claims, table.items(), []))
     except OSError as exc:
         raise StoreUnavailable(
-            f"cannot write {path}: {exc.strerror or exc}; the bad files are in {QUARANTINE}/, run recover again"
+            f"cannot write {path}: {exc.strerror or exc}; the bad files are in {verify.QUARANTINE}/, run recover again"
         ) from exc
     return {"file": os.path.basename(path), "generation": generation, "lsn": lsn, "segment": segment, "sessions": len(table)}
 

@@ -452,17 +452,24 @@ class Store:
             self.purge(phone)
         return idle
 
-    async def purge_inactive_async(self, max_idle_ms: int, slice_ms: float = 5.0) -> list[str]:
-        """purge_inactive for the daemon: sessions are examined in slices between which the loop runs."""
+    async def inactive_async(self, max_idle_ms: int, slice_ms: float = 5.0) -> dict[str, int]:
+        """The sessions inactive longer than `max_idle_ms` (phone -> last activity), examined in slices between which
+        the loop runs (decoding every cold session at once would stall the daemon for a large store)."""
         now = self.clock()
-        idle: list[str] = []
+        idle: dict[str, int] = {}
         t0 = time.perf_counter()
         for phone in list(self._table):
-            if phone in self._table and sessions.is_inactive(self._session_view(phone), now, max_idle_ms):
-                idle.append(phone)
+            if phone in self._table and sessions.is_inactive(session := self._session_view(phone), now, max_idle_ms):
+                idle[phone] = session["lastActivity"]
             if time.perf_counter() - t0 > slice_ms / 1000:
                 await asyncio.sleep(0)
                 t0 = time.perf_counter()
+        return idle
+
+    async def purge_inactive_async(self, max_idle_ms: int, slice_ms: float = 5.0) -> list[str]:
+        """purge_inactive for the daemon: sessions are examined in slices between which the loop runs."""
+        now = self.clock()
+        idle = await self.inactive_async(max_idle_ms, slice_ms)
         # Re-checked now, synchronously: a message may have arrived for one of them meanwhile.
         gone = [p for p in idle if p in self._table and sessions.is_inactive(self._session_view(p), now, max_idle_ms)]
         for phone in gone:

@@ -7,6 +7,8 @@ other file is still checked, and the store as a whole is then opened read-only t
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,29 +89,67 @@ class SealedFile:
     generation: int  # from its name (a segment's number for the journal)
 
 
-# Names under the state directory that are not data files: the keyring (sealed by the master key, checked apart),
-# the backups directory (listed below), the control socket of a running daemon, and what `recover` moved aside.
-NOT_DATA = (keyring.FILENAME, backups.DIRNAME, "control.sock", "quarantine")
+QUARANTINE = "quarantine"  # where `recover` moves files it cannot use (recover.py): evidence, never changed
+CONTROL_SOCKET = "control.sock"  # a running daemon's (control.py)
+# a quarantined file: its original name, then the UTC time it was moved (and a counter if that name was taken)
+QUARANTINED_NAME = re.compile(r"(.+\.enc)\.\d{8}T\d{6}Z(?:\.\d+)?\Z")
+
+
+def _kind_of(name: str) -> tuple[str, int] | None:
+    if m := snapshot.NAME.match(name):
+        return "snapshot", int(m.group(1))
+    if m := journal.SEGMENT_NAME.match(name):
+        return "journal", int(m.group(1))
+    if info := backups.parse_name(name):
+        return "backup", info.generation
+    return None
+
+
+def _is(path: str, kind: int) -> bool:
+    try:
+        return stat.S_IFMT(os.lstat(path).st_mode) == kind
+    except FileNotFoundError:
+        return False
 
 
 def sealed_files(state_dir: str) -> tuple[list[SealedFile], list[str]]:
-    """Every sealed data file (snapshots, journal segments, backups) by name, and the names of unexpected files."""
+    """Every sealed data file (snapshots, journal segments, backups) by name, and the names of unexpected files.
+    Besides those, the keyring (checked apart), the backups and quarantine directories and a running daemon's control
+    socket belong here; anything else, even under one of those names but of the wrong type, is unexpected."""
     files: list[SealedFile] = []
     unexpected: list[str] = []
     for name in sorted(os.listdir(state_dir)):
         path = os.path.join(state_dir, name)
-        if m := snapshot.NAME.match(name):
-            files.append(SealedFile(name, path, "snapshot", int(m.group(1))))
-        elif m := journal.SEGMENT_NAME.match(name):
-            files.append(SealedFile(name, path, "journal", int(m.group(1))))
-        elif name in NOT_DATA or name.endswith(atomicfile.TEMP_SUFFIX):
-            continue  # temps are a crash's leftovers, removed by the next writer
+        found = _kind_of(name)
+        if found is not None and found[0] != "backup":
+            files.append(SealedFile(name, path, *found))
+        elif name.endswith(atomicfile.TEMP_SUFFIX):
+            continue  # a crash's leftover, removed by the next writer
+        elif name == keyring.FILENAME or (name == CONTROL_SOCKET and _is(path, stat.S_IFSOCK)):
+            continue
+        elif name in (backups.DIRNAME, QUARANTINE) and _is(path, stat.S_IFDIR):
+            continue
         else:
             unexpected.append(name)
     for info in backups.scan(os.path.join(state_dir, backups.DIRNAME)):
         rel = os.path.join(backups.DIRNAME, info.name)
         files.append(SealedFile(rel, os.path.join(state_dir, rel), "backup", info.generation))
     return files, unexpected
+
+
+def quarantined_files(state_dir: str) -> list[SealedFile]:
+    """The files `recover` moved aside that still have a sealed file's name: some authenticate (good files it could
+    not use) and may hold personal data or need a key, so forget and key retirement look at them too."""
+    directory = os.path.join(state_dir, QUARANTINE)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if (m := QUARANTINED_NAME.match(name)) and (found := _kind_of(m.group(1))):
+            out.append(SealedFile(os.path.join(QUARANTINE, name), os.path.join(directory, name), *found))
+    return out
 
 
 def read_header(path: str) -> envelope.Header:
@@ -121,11 +161,12 @@ def read_header(path: str) -> envelope.Header:
 
 
 def key_usage(state_dir: str) -> dict[str, list[str]]:
-    """Data key id -> the files whose header names it (a key may be retired only once this list is empty).
+    """Data key id -> the files whose header names it, quarantined ones included (a key may be retired only once
+    this list is empty: a retired key would leave a quarantined file that authenticates unreadable).
     A file removed meanwhile (a running daemon compacts) is skipped; one whose header does not parse is listed
     under "?" so that nothing is retired on a guess."""
     usage: dict[str, list[str]] = {}
-    for f in sealed_files(state_dir)[0]:
+    for f in [*sealed_files(state_dir)[0], *quarantined_files(state_dir)]:
         try:
             kid = read_header(f.path).kid
         except FileNotFoundError:

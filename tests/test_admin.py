@@ -347,3 +347,75 @@ def test_files_keep_the_state_directory_owner_when_root_rotates(tmp_path: Any, s
     owners = {(os.lstat(os.path.join(r, n)).st_uid, n) for r, ds, fs in os.walk(state_dir) for n in [*ds, *fs]}
     assert {uid for uid, _ in owners} == {65534}, owners
     assert key_usage(state_dir).keys() == {keyring.load(state_dir, master).primary.id}
+
+
+def test_forget_and_retire_respect_what_recover_moved_aside(tmp_path: Any, state_dir: str, master: MasterKey) -> None:
+    """A good file recover moved to quarantine/ still holds the person: forget fails (7) naming it instead of saying
+    "verified"; the key sealing it stays in use, so retiring that key is refused."""
+    with Store.open(state_dir, master) as store:
+        store.add_message(ALICE, "user", "hola", store.clock(), message_id=wamid(ALICE, 1))
+        store.add_message(BOB, "user", "buenas", store.clock())
+        store.flush()
+        store.snapshot(full=True)
+    snap = next(f for f in sealed_files(state_dir)[0] if f.kind == "snapshot")
+    os.mkdir(os.path.join(state_dir, "quarantine"), 0o700)
+    kept = os.path.join("quarantine", os.path.basename(snap.path) + ".20261125T101530Z")
+    with open(snap.path, "rb") as src, open(os.path.join(state_dir, kept), "wb") as dst:
+        dst.write(src.read())
+    env = {"NATALIA_STATE_DIR": state_dir, "NATALIA_MASTER_KEY_FILE": master.source}
+    old = keyring.load(state_dir, master).primary.id
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["forget", ALICE, "--yes"], env, out, err) == 7
+    assert kept in err.getvalue() and "evidence" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["keys", "rotate", "--retire-old"], env, out, err) == 5
+    assert keyring.load(state_dir, master).get(old).status == "enabled" and kept in out.getvalue()
+    os.unlink(os.path.join(state_dir, kept))  # the operator, once it is investigated
+    assert inventory.own_data(inventory.find_person(state_dir, keyring.load(state_dir, master).usable(), ALICE)) == []
+    assert main(["forget", ALICE, "--yes"], env, io.StringIO(), io.StringIO()) == 8  # nothing left to forget
+
+
+def test_forget_of_a_number_one_digit_short_touches_nobody(tmp_path: Any, state_dir: str, master: MasterKey) -> None:
+    """A typo (a digit missing) finds no data: exit 8, and the other person's message ids stay claimed."""
+    with Store.open(state_dir, master) as store:
+        store.add_message("34698189848", "user", "hola", store.clock(), message_id=wamid("34698189848", 1))
+        store.flush()
+    env = {"NATALIA_STATE_DIR": state_dir, "NATALIA_MASTER_KEY_FILE": master.source}
+    before = tree_bytes(state_dir)
+    assert main(["forget", "4698189848", "--yes"], env, io.StringIO(), io.StringIO()) == 8
+    assert tree_bytes(state_dir) == before
+
+
+def test_malformed_control_requests_are_usage_errors(site: Site) -> None:
+    """Through the socket (root or the service user only), a master key of the wrong length and a prune without a
+    retention policy are refused as usage errors (2), changing nothing."""
+    from natalia_secure import control
+
+    if not site.running:
+        pytest.skip("the control socket needs the daemon")
+    before = keyring.load(site.state_dir, masterkey.read_key_file(site.key_file))
+    with pytest.raises(control.RemoteError) as short:
+        control.call(site.state_dir, "keys.rotate-master", {"key": "00" * 16})
+    assert short.value.exit_code == 2 and "32 bytes" in str(short.value)
+    with pytest.raises(control.RemoteError) as prune:
+        control.call(site.state_dir, "prune", {"dry_run": True})
+    assert prune.value.exit_code == 2
+    assert keyring.load(site.state_dir, masterkey.read_key_file(site.key_file)) == before
+
+
+def test_a_request_too_large_for_the_socket_asks_to_stop_the_daemon(
+    site: Site, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """import-legacy of a file larger than the control socket takes: with the daemon running, exit 6 saying to stop
+    it; with it stopped, the import is done here."""
+    from natalia_secure import control
+
+    monkeypatch.setattr(control, "MAX_REQUEST", 2048)
+    legacy = tmp_path / "big.json"
+    legacy.write_text(json.dumps([["15550003333", {"messages": [{"role": "user", "content": "x" * 3000, "timestamp": 1}],
+                                                   "lastActivity": 1, "firstInteraction": 1}]]))  # fmt: skip
+    result = site.run("import-legacy", str(legacy))
+    if site.running:
+        assert result.code == 6 and "stop the daemon" in result.err
+    else:
+        assert result.code == 0, result.err

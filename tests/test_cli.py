@@ -315,3 +315,26 @@ def test_recover_sets_a_tampered_snapshot_aside_and_the_store_opens_again(import
     assert len(run(imported, "list", "--json").out) > 0 and run(imported, "list").code == 0
     again = run(imported, "recover", "--json")
     assert again.code == 0 and json.loads(again.out)["nothing_to_recover"] is True
+
+
+def test_list_into_a_closed_pipe_exits_quietly(imported: dict[str, str]) -> None:
+    """`natalia-secure list | head -1`: the reader stops early; the command exits 0 without an error line."""
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -m natalia_secure list | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    env = dict(os.environ, **imported)
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "0" and done.stderr == ""
+
+
+def test_verify_with_the_wrong_master_key_is_a_key_error_and_flags_a_fake_socket(imported: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The wrong master key is exit 4 (not a tampered file); a regular file named like the control socket is
+    reported as unexpected."""
+    other = str(tmp_path / "other.key")
+    masterkey.create_key_file(other)
+    assert run(dict(imported, NATALIA_MASTER_KEY_FILE=other), "verify").code == 4
+    with open(os.path.join(imported["NATALIA_STATE_DIR"], "control.sock"), "w") as f:
+        f.write("plaintext")
+    result = run(imported, "verify")
+    assert result.code == 5 and "control.sock" in result.out and "unexpected" in result.out

@@ -93,3 +93,31 @@ def test_stats_and_export_read_the_files(state_dir: str, master: MasterKey) -> N
     exported = inventory.export(ro, ALICE, ro.clock())
     assert exported["messages"] == 2 and [m["content"] for m in exported["session"]["messages"]] == ["hola", "¡hola!"]
     assert len(exported["backups_holding_a_copy"]) == 1
+
+
+def test_wamid_names_compares_the_whole_number_field() -> None:
+    """A number one digit short (a typo) never matches the longer number inside an id: forget must not drop another
+    person's claims; in an id of another shape the number must stand alone."""
+    assert not inventory.wamid_names(meta_wamid("34698189848"), "4698189848")
+    assert not inventory.wamid_names(meta_wamid("34698189848"), "3469818984")
+    assert not inventory.wamid_names("test-34698189848-1", "4698189848")
+
+
+def test_find_person_reads_what_recover_moved_aside(store: Store) -> None:
+    """A file in quarantine/ that still opens is searched; one that does not is reported "unreadable"."""
+    store.add_message(ALICE, "user", "hola", store.clock())
+    store.flush()
+    store.snapshot(full=True)
+    quarantine = os.path.join(store.state_dir, "quarantine")
+    os.mkdir(quarantine, 0o700)
+    snap = next(f for f in sealed_files(store.state_dir)[0] if f.kind == "snapshot")
+    with open(snap.path, "rb") as f:
+        data = f.read()
+    good = os.path.join(quarantine, f"{os.path.basename(snap.path)}.20261125T101530Z")
+    with open(good, "wb") as f:
+        f.write(data)
+    with open(os.path.join(quarantine, "snapshot.g000099.enc.20261125T101530Z"), "wb") as f:
+        f.write(data[:-3] + b"xyz")
+    found = {(t.file, t.where) for t in inventory.find_person(store.state_dir, store.keyring.usable(), ALICE)}
+    assert (os.path.relpath(good, store.state_dir), "session") in found
+    assert ("quarantine/snapshot.g000099.enc.20261125T101530Z", "unreadable") in found
