@@ -165,10 +165,11 @@ def ensure_private_dir(path: str, *, create: bool = True) -> None:
     """Make sure `path` is a directory only its owner can enter, owned by us or root; create it 0700 if asked.
 
     Refused (ConfigError) rather than fixed: a directory someone opened up, or that belongs to another user, is a
-    sign of a mistake or an attack that an operator should look at.
+    sign of a mistake or an attack that an operator should look at. A symlink is followed and its target checked:
+    systemd's DynamicUser= makes /var/lib/NAME a link into the root-only /var/lib/private/.
     """
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(path)
     except FileNotFoundError:
         if not create:
             raise ConfigError(f"state directory {path} does not exist") from None
@@ -178,7 +179,7 @@ def ensure_private_dir(path: str, *, create: bool = True) -> None:
         os.mkdir(path, DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; chmod is not
         fsync_dir(parent)
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory")
     if st.st_mode & 0o077:

@@ -755,6 +755,13 @@ class Store:
 
     # ---- backups ----
 
+    def _backup_name_wait_s(self) -> float:
+        """Backups are named by the second: one already taken this second (the daemon's own, then an operator's
+        `backup`) means waiting for the next second, not failing. 0 when the name is free."""
+        now = self.clock()
+        taken = os.path.exists(os.path.join(self.state_dir, backups.DIRNAME, backups.backup_name(now, self.generation)))
+        return (1000 - now % 1000) / 1000 if taken else 0.0
+
     def _backup_plan(self) -> _Plan:
         self._encode_hot()
         table: dict[str, bytes] = self._table  # type: ignore[assignment]  # every value is bytes after _encode_hot
@@ -770,6 +777,7 @@ class Store:
         copied: the lsn a backup names must never be reused by a record that a crash made vanish."""
         if self._journal is not None:
             self.flush()
+        time.sleep(self._backup_name_wait_s())
         plan = self._backup_plan()
         self._write(plan)
         return plan.path
@@ -777,6 +785,7 @@ class Store:
     async def backup_async(self) -> str:
         """The daemon's backup: like snapshot_async, sealed and written in a worker thread (once its cut is durable)."""
         async with self._background() as executor:
+            await asyncio.sleep(self._backup_name_wait_s())
             plan = self._backup_plan()
             await self.wait_durable(plan.meta["lsn"])
             await asyncio.get_running_loop().run_in_executor(executor, self._write, plan)

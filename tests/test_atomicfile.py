@@ -304,18 +304,29 @@ def test_ensure_private_dir_refuses_open_dirs(tmp_path: Path, bad_mode: int) -> 
 
 
 def test_ensure_private_dir_refuses_non_directories(tmp_path: Path) -> None:
-    """A regular file or a symlink (even to a good 0700 directory) where the directory should be is refused."""
+    """A regular file, or a symlink to one, where the directory should be is refused."""
     f = tmp_path / "file"
     f.write_bytes(b"")
     os.chmod(f, 0o600)
-    real = tmp_path / "real"
-    real.mkdir(mode=0o700)
-    os.chmod(real, 0o700)
     link = tmp_path / "link"
-    os.symlink(real, link)
+    os.symlink(f, link)
     for path in (f, link):
         with pytest.raises(ConfigError, match="not a directory"):
             atomicfile.ensure_private_dir(str(path))
+
+
+def test_ensure_private_dir_follows_a_symlink_and_checks_its_target(tmp_path: Path) -> None:
+    """systemd's DynamicUser= makes /var/lib/NAME a symlink into /var/lib/private/: a link to a good 0700 directory
+    is accepted, a link to an open one is refused like the directory itself."""
+    real = tmp_path / "private-state"
+    real.mkdir(mode=0o700)
+    os.chmod(real, 0o700)
+    link = tmp_path / "state"
+    os.symlink(real, link)
+    atomicfile.ensure_private_dir(str(link), create=False)
+    os.chmod(real, 0o755)
+    with pytest.raises(ConfigError, match="open to group or others"):
+        atomicfile.ensure_private_dir(str(link), create=False)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")

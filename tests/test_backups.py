@@ -314,3 +314,4 @@ def borg_prune(items: list[BackupInfo], policy: Retention) -> set[str]:
 def test_plan_prune_matches_borg(items: list[BackupInfo], policy: Retention) -> None:
     """plan_prune keeps exactly what borg's prune_split would keep (UTC periods, keep-last = the N newest)."""
     assert set(backups.plan_prune(items, policy).keep) == borg_prune(items, policy)
+

@@ -594,3 +594,13 @@ def test_session_state_travels_with_messages_through_journal_snapshot_and_cold_t
         assert store.meta(phone) == {} and "natalia" not in store.get(phone)
     with Store.open(state_dir, master) as store, pytest.raises(InputError):
         store.add_message(phone, "user", "x", 4, meta=["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+def test_two_backups_in_the_same_second_both_succeed(store: Store) -> None:
+    """Backups are named by the second: a second one right after the first waits for the next second (the daemon's
+    own backup and an operator's `backup` may meet) instead of failing."""
+    store.add_message("15550001111", "user", "hola", store.clock())
+    store.flush()
+    first = store.backup()
+    second = store.backup()
+    assert first != second and os.path.exists(first) and os.path.exists(second)
