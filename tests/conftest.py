@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,11 +15,36 @@ from natalia_secure.clock import iso_utc, now_ms
 from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import Store, StoreOptions
 
+from .figures import Figures, Recorder
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long trials (crash loops, big sizes)")
+    parser.addoption("--figures", metavar="FILE", help="write the reliability figures as a Markdown table (tests/figures.py)")
+
+
+_FIGURES = Figures()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Recorder:
+    """Record a reliability figure (tests/figures.py): printed at the end of the session, written by --figures."""
+    return Recorder(_FIGURES, request.node.nodeid, bool(request.config.getoption("--long")))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _FIGURES.rows:
+        return
+    terminalreporter.section("reliability figures")
+    for line in _FIGURES.table():
+        terminalreporter.write_line(line)
+    path = config.getoption("--figures")
+    if path:
+        with open(path, "w") as f:
+            f.write(_FIGURES.markdown())
+        terminalreporter.write_line(f"written to {path}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

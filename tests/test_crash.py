@@ -32,6 +32,7 @@ from natalia_secure.store import Store
 from natalia_secure.verify import verify_state_dir
 
 from . import crash_writer
+from .figures import Recorder
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
 TRIALS = 200
@@ -172,7 +173,19 @@ def run_trials(tmp_path: Any, server: ForkServer, master_key_file: str, master: 
     return summary
 
 
-def test_crash_trials(tmp_path, server: ForkServer, master_key_file: str, master: MasterKey) -> None:  # type: ignore[no-untyped-def]
+def record(figures: Recorder, summary: dict[str, Any]) -> None:
+    phases = ", ".join(f"{n} {p}" for p, n in sorted(summary["phases"].items(), key=lambda x: -x[1]))
+    figures.record(
+        "Crash",
+        "SIGKILL of a store writer at random instants (opening, appending, fsyncing, snapshotting, backing up)",
+        f"{summary['trials']:,} trials (killed while: {phases}): 0 durable messages lost or repeated, every file opens",
+        "0 lost, every file opens",
+        True,
+    )
+
+
+@pytest.mark.reliability
+def test_crash_trials(tmp_path, server: ForkServer, master_key_file: str, master: MasterKey, figures: Recorder) -> None:  # type: ignore[no-untyped-def]
     """200 SIGKILLs at random instants (opening, appending, fsyncing, snapshotting, backing up): after each, every
     message reported durable is there exactly once and in order, every file authenticates, and no temp survives."""
     summary = run_trials(tmp_path, server, master_key_file, master, TRIALS)
@@ -182,13 +195,16 @@ def test_crash_trials(tmp_path, server: ForkServer, master_key_file: str, master
     assert summary["phases"].get("open", 0) >= 3, summary
     assert summary["snapshots"] >= TRIALS // 4 and summary["flushes"] >= TRIALS, summary
     assert summary["degraded"] == 0, "a plain crash trial injects no fault: the store must never degrade"
+    record(figures, summary)
 
 
 @pytest.mark.long
-def test_crash_trials_long(tmp_path, server: ForkServer, master_key_file: str, master: MasterKey) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.reliability
+def test_crash_trials_long(tmp_path, server: ForkServer, master_key_file: str, master: MasterKey, figures: Recorder) -> None:  # type: ignore[no-untyped-def]
     """The same as test_crash_trials with 10,000 kills."""
     summary = run_trials(tmp_path, server, master_key_file, master, LONG_TRIALS)
     assert summary["phases"].get("snapshot", 0) >= 250 and summary["degraded"] == 0, summary
+    record(figures, summary)
 
 
 def test_writer_reports_durable_only_after_the_flush_returns(tmp_path, master_key_file: str, master: MasterKey) -> None:  # type: ignore[no-untyped-def]
