@@ -201,7 +201,10 @@ def _sealed_check(paths: Paths, needles: list[str], out: TextIO) -> None:
     files, total, hits = 0, 0, 0
     for root, _, names in os.walk(paths.state):
         for name in names:
-            with open(os.path.join(root, name), "rb") as f:
+            path = os.path.join(root, name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue  # the running daemon's control socket: not a file that holds data
+            with open(path, "rb") as f:
                 data = f.read()
             files, total = files + 1, total + len(data)
             hits += sum(data.count(n.encode()) for n in needles)
