@@ -65,7 +65,7 @@ class Intake:
     def refuse_unsigned(self) -> tuple[int, dict[str, Any]]:
         """A POST whose signature header is missing or malformed, refused before its body is read."""
         self.metrics.signature_failures.inc()
-        self.metrics.webhooks.labels("bad_signature").inc()
+        self.metrics.webhook("bad_signature")
         log.warning("webhook_rejected", reason="bad signature", header_present=False)
         return 401, {"error": f"missing or wrong {whatsapp.SIGNATURE_HEADER}"}
 
@@ -76,7 +76,7 @@ class Intake:
             answer = await self._accept(body, signature)
         finally:
             self.inflight -= 1
-        self.metrics.webhooks.labels(answer.outcome).inc()
+        self.metrics.webhook(answer.outcome)
         if answer.status == 200:
             self.metrics.ack_latency.observe(time.perf_counter() - started)
         return answer

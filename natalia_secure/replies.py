@@ -151,11 +151,11 @@ class Conversations:
                     return  # closing: left for the restart to find (claimed, not answered)
                 async with self._slots:
                     try:
-                        done = await asyncio.wait_for(
-                            self._turn(phone, next((m for m, _ in reversed(batch) if m), None)), TURN_TIMEOUT_S
-                        )
+                        # asyncio.timeout, not wait_for: wait_for (3.11) runs the turn in a task of its own
+                        async with asyncio.timeout(TURN_TIMEOUT_S):
+                            done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
                     except TimeoutError:  # an outage upstream must not hold a slot for ever; the next turn retries
-                        self.metrics.replies.labels("failed").inc()
+                        self.metrics.reply("failed")
                         log.error("reply_failed", phone=phone, error_type="TimeoutError", timeout_s=TURN_TIMEOUT_S)
                         done = True
                 if not done:  # the store could not record the reply: try again once it has recovered
@@ -211,10 +211,10 @@ class Conversations:
             log.warning("reply_waiting_for_store", phone=phone, error=str(exc))
             return False
         except (NataliaError, OSError) as exc:
-            self.metrics.replies.labels("failed").inc()
+            self.metrics.reply("failed")
             log.error("reply_failed", phone=phone, error_type=type(exc).__name__, error=str(exc))
         except Exception as exc:  # an assistant or outbox bug must not end this phone's conversation
-            self.metrics.replies.labels("failed").inc()
+            self.metrics.reply("failed")
             log.exception("reply_failed", phone=phone, error_type=type(exc).__name__)
         return True
 
@@ -229,7 +229,7 @@ class Conversations:
         text = (await self.assistant.reply(session, photos)).strip()
         parts = ([Outgoing(text=text)] if text else []) + photos.outgoing()
         if not parts:
-            self.metrics.replies.labels("none").inc()
+            self.metrics.reply("none")
             return
         meta: dict[str, Any] = {
             "photos": photos.sent or None,
@@ -246,22 +246,25 @@ class Conversations:
         newer = None if current is None else _newer_than(current["messages"], session["messages"][-1])
         if current is None or newer is None or current["firstInteraction"] != session["firstInteraction"]:
             # forgotten while the reply was made (and maybe begun again): this reply answers a conversation gone
-            self.metrics.replies.labels("none").inc()
+            self.metrics.reply("none")
             log.info("reply_discarded", phone=phone, reason="the session was forgotten meanwhile")
             return
         # the intent: durable before anything is sent, so a crash resends rather than forgets
         text_record = record_text(text, photos)
         lsn = self.store.add_message(phone, "assistant", text_record, self.clock(), meta=meta, before_last=newer)
         await self.store.wait_durable(lsn)
-        await self._deliver(phone)
+        await self._deliver(phone, recorded=lsn)
 
-    async def _deliver(self, phone: str) -> None:
+    async def _deliver(self, phone: str, recorded: int | None = None) -> None:
+        """Send the pending reply's parts not yet sent; `recorded`: the lsn of its intent, if known (and durable)."""
         session = self.store.view(phone)
         state = session.get(sessions.META, {})
         pending, done = state.get("pending"), int(state.get("sent_parts", 0))
         if not pending:
             return
-        await self.store.wait_durable(self.store.lsn)  # a reply recorded before a fault: sent only once it is durable
+        # A reply recorded before a fault is sent only once it is durable; its record's lsn is not kept, so that
+        # means everything appended so far (one more group commit). _reply has just waited for its own.
+        await self.store.wait_durable(self.store.lsn if recorded is None else recorded)
         if not self._in_window(session):
             self.metrics.window_closed.inc()
             self.store.set_meta(phone, {"pending": None, "sent_parts": None})
@@ -272,7 +275,7 @@ class Conversations:
             try:
                 await self.outbox.send(phone, parts[i], pending.get("reply_to") if i == 0 else None)
             except SendError as exc:
-                self.metrics.replies.labels("failed").inc()
+                self.metrics.reply("failed")
                 if exc.kind in DROP_KINDS:
                     self._sent_upto.pop(phone, None)
                     self.store.set_meta(phone, {"pending": None, "sent_parts": None})
@@ -290,7 +293,7 @@ class Conversations:
             elif sent is not None:  # made durable at once, without a waiter: a crash repeats this part for one fsync
                 self.store.flush_soon()
         self._sent_upto.pop(phone, None)
-        self.metrics.replies.labels("sent").inc()
+        self.metrics.reply("sent")
 
     # ---- start and stop ----
 

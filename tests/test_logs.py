@@ -175,6 +175,36 @@ def test_level_filters_both_sources() -> None:
     assert [line["event"] for line in json_lines(out)] == ["webhook_rejected", "malformed request"]
 
 
+def test_debug_lines_follow_the_level_a_reload_sets() -> None:
+    """A logger cached at "info" drops debug lines, shows them once configure() sets "debug" (SIGHUP), and drops
+    them again after: debug() checks the live level, never one remembered from the first use."""
+    out = io.StringIO()
+    log = structlog.get_logger("natalia_secure.intake")
+    logs.configure(fmt="json", level="info", stream=out)
+    log.debug("hidden", n=1)
+    logs.configure(fmt="json", level="debug", stream=out)
+    log.debug("shown", n=2, phone=PHONE)
+    logs.configure(fmt="json", level="info", stream=out)
+    log.debug("hidden again", n=3)
+    log.info("info", n=4)
+    lines = json_lines(out)
+    assert [line["event"] for line in lines] == ["shown", "info"]
+    assert lines[0]["level"] == "debug" and lines[0]["phone"] == "[redacted]"  # the privacy chain still applies
+
+
+def test_log_access_levels_and_fields() -> None:
+    """log_access (POST /webhook's access line, outside tornado.web): 2xx dropped at "info", 4xx warning, 5xx
+    error, the duration in milliseconds."""
+    out = io.StringIO()
+    logs.configure(fmt="json", level="info", stream=out)
+    logs.log_access("POST", "/webhook", 200, 0.001)
+    logs.log_access("POST", "/webhook", 401, 0.0012345)
+    logs.log_access("POST", "/webhook", 503, 0.5)
+    lines = json_lines(out)
+    assert [(line["status"], line["level"]) for line in lines] == [(401, "warning"), (503, "error")]
+    assert lines[0]["duration_ms"] == 1.23 and lines[0]["method"] == "POST" and lines[0]["path"] == "/webhook"
+
+
 def test_unknown_level_or_format_is_a_config_error_naming_the_setting() -> None:
     """A level or format outside the documented choices is refused before anything changes."""
     with pytest.raises(ConfigError, match="log_level"):

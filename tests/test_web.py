@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import errno
+import io
 import json
+import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 
-from natalia_secure import whatsapp
+from natalia_secure import logs, whatsapp
 from natalia_secure.assistant import Outgoing
 from natalia_secure.catalog import load as load_catalog
 from natalia_secure.intake import Intake, WebhookSecrets
@@ -27,7 +31,7 @@ from natalia_secure.metrics import Metrics
 from natalia_secure.natalia import OfflineNatalia
 from natalia_secure.replies import Conversations
 from natalia_secure.store import Store, StoreOptions
-from natalia_secure.web import Deps, Health, make_app
+from natalia_secure.web import Deps, Health, http_date, make_app
 
 CATALOG = load_catalog(None)
 SECRET = b"test-app-secret"
@@ -91,12 +95,14 @@ def health_of(store: Store) -> Callable[[], Health]:
 
 
 @contextlib.asynccontextmanager
-async def serving(state_dir: str, master: MasterKey, **options: Any) -> AsyncIterator[Server]:
+async def serving(
+    state_dir: str, master: MasterKey, *, intake_type: type[Intake] = Intake, **options: Any
+) -> AsyncIterator[Server]:
     store = Store.open(state_dir, master, StoreOptions(chunk=4096, **options))
     metrics = Metrics()
     outbox = Recorder()
     conversations = Conversations(store, OfflineNatalia(CATALOG), outbox, metrics, CATALOG, concurrency=4)
-    intake = Intake(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
+    intake = intake_type(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
     server = tornado.httpserver.HTTPServer(make_app(Deps(intake, metrics, health_of(store))), max_body_size=4 * 1024 * 1024)
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server.add_sockets(sockets)
@@ -447,5 +453,101 @@ def test_an_unsigned_post_is_refused_before_its_body_is_read(state_dir: str, mas
             assert status.startswith(b"HTTP/1.1 401")
             writer.close()
             assert srv.metric("natalia_signature_failures_total") == 1
+
+    run(go())
+
+
+async def raw_post(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, body: bytes) -> tuple[str, dict[str, str], bytes]:
+    """One signed POST /webhook on an open connection: the status line, the headers (lower-case names), the body."""
+    head = f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{whatsapp.SIGNATURE_HEADER}: "
+    writer.write(head.encode() + whatsapp.sign(SECRET, body).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    status = (await reader.readline()).decode().strip()
+    headers = {}
+    while (line := (await reader.readline()).decode().strip()) != "":
+        name, value = line.split(":", 1)
+        headers[name.lower()] = value.strip()
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
+
+
+def test_webhook_answers_are_json_with_a_date_and_keep_the_connection(state_dir: str, master: MasterKey) -> None:
+    """POST /webhook answers as Meta expects of an HTTP/1.1 server: JSON, Date (RFC 9110), no caching, and the
+    connection kept open for the next POST (Meta reuses connections)."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for n in range(3):
+                status, headers, body = await raw_post(writer, reader, one(f"wamid.K{n}"))
+                assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"messages": 1, "duplicates": 0, "statuses": 0}
+                assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
+                assert "connection" not in headers  # kept alive
+                assert abs(email.utils.parsedate_to_datetime(headers["date"]).timestamp() - srv.store.clock() / 1000) < 5
+            writer.close()
+            assert srv.metric("natalia_webhooks_total", "outcome=ok") == 3
+
+    run(go())
+
+
+def test_http_date_is_the_imf_fixdate_of_the_second() -> None:
+    """RFC 9110 5.6.7's example, and a later second (the cached value follows the clock)."""
+    assert http_date(784111777) == "Sun, 06 Nov 1994 08:49:37 GMT"
+    assert http_date(784111778) == "Sun, 06 Nov 1994 08:49:38 GMT"
+
+
+@pytest.fixture
+def log_out() -> Iterator[io.StringIO]:
+    """The daemon's logging (logs.configure, JSON at info) into a buffer, undone afterwards. Not capture_logs:
+    module-level loggers are cached at their first use (logs.configure) and would not see it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    logs.configure(fmt="json", level="info", stream=out)
+    yield out
+    structlog.reset_defaults()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def events(out: io.StringIO, name: str) -> list[dict[str, Any]]:
+    return [line for line in map(json.loads, out.getvalue().splitlines()) if line["event"] == name]
+
+
+class BrokenIntake(Intake):
+    async def _accept(self, body: bytes, signature: str | None) -> Any:
+        raise RuntimeError("a bug in the intake")
+
+
+def test_an_intake_bug_answers_500_json_and_is_logged(state_dir: str, master: MasterKey, log_out: io.StringIO) -> None:
+    """An exception nobody expected still gets an answer (500, JSON: Meta retries) and an error line that names
+    the request, not the body; the connection is not left hanging."""
+
+    async def go() -> None:
+        async with serving(state_dir, master, intake_type=BrokenIntake) as srv:
+            r = await srv.post(one("wamid.B1", text="texto del cliente"))
+            assert r.code == 500 and json.loads(r.body) == {"error": "internal server error"}
+        (failed,) = events(log_out, "handler_failed")
+        assert failed["level"] == "error" and failed["path"] == "/webhook" and failed["method"] == "POST"
+        assert "RuntimeError: a bug in the intake" in failed["exception"]
+        (access,) = events(log_out, "http_request")
+        assert access["status"] == 500 and access["level"] == "error"
+        assert "texto del cliente" not in log_out.getvalue()
+
+    run(go())
+
+
+def test_a_refused_post_is_logged_without_its_query(state_dir: str, master: MasterKey, log_out: io.StringIO) -> None:
+    """The access line of a refused POST /webhook: warning, method, path without the query, status, duration."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            r = await srv.fetch(f"/webhook?hub.verify_token={TOKEN}", "POST", b"{}", {"Content-Type": "application/json"})
+            assert r.code == 401
+        (access,) = events(log_out, "http_request")
+        assert access["level"] == "warning" and access["path"] == "/webhook" and access["status"] == 401
+        assert access["method"] == "POST" and access["duration_ms"] >= 0 and TOKEN not in log_out.getvalue()
 
     run(go())

@@ -64,6 +64,30 @@ def test_missing_or_malformed_signatures_are_refused(header: str | None) -> None
     assert not whatsapp.signature_ok(SECRET, b"{}", header)
 
 
+@pytest.mark.parametrize(
+    "header, ok",
+    [
+        ("sha256=" + "0123456789abcdef" * 4, True),
+        ("sha256=" + "ABCDEF0123456789" * 4, True),
+        (" sha256=" + "a" * 64, False),  # Tornado strips the value; anything else before the scheme is wrong
+        ("sha256= " + "a" * 64 + " ", True),  # signature_ok strips the digest as well
+        ("sha256=" + "a" * 63, False),
+        ("sha256=" + "a" * 65, False),
+        ("sha256=" + "g" * 64, False),
+        ("sha256=" + "a" * 63 + "\u0661", False),  # an Arabic-Indic digit: a digit to Unicode, not hex
+        ("sha256=" + "a" * 63 + "\n", False),
+        ("sha1=" + "a" * 64, False),
+        ("SHA256=" + "a" * 64, False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_a_signature_header_is_worth_reading_a_body_for_only_when_well_formed(header: str | None, ok: bool) -> None:
+    """`sha256=` and exactly 64 ASCII hex digits (what a POST must show before its body is read); the value
+    itself is signature_ok's to judge."""
+    assert whatsapp.signature_well_formed(header) is ok
+
+
 def test_signature_covers_the_raw_bytes_and_the_secret() -> None:
     """The same JSON re-serialised, or signed with another secret, does not verify."""
     body = b'{"a": 1}'
