@@ -299,7 +299,7 @@ def test_import_legacy_goes_through_a_running_daemon(site: Site, tmp_path: Any) 
 def test_wrong_master_key_tamper_and_held_lock_are_refused_with_nothing_changed(
     tmp_path: Any, state_dir: str, master: MasterKey
 ) -> None:
-    """Daemon stopped: a wrong master key (4), a tampered snapshot (5) and a held lock (6) refuse every mutating
+    """Daemon stopped: a wrong or missing master key (4), a tampered snapshot (5) and a held lock (6) refuse every mutating
     command with its documented code, and the state directory is byte for byte as before."""
     with Store.open(state_dir, master) as store:
         store.add_message(ALICE, "user", "hola", store.clock())
@@ -319,6 +319,7 @@ def test_wrong_master_key_tamper_and_held_lock_are_refused_with_nothing_changed(
 
     other = masterkey.create_key_file(str(tmp_path / "other.key"))
     refused(4, dict(env, NATALIA_MASTER_KEY_FILE=other.source))
+    refused(4, dict(env, NATALIA_MASTER_KEY_FILE=str(tmp_path / "missing.key")))
     lock = StoreLock.acquire(state_dir)
     try:
         refused(6, env)
