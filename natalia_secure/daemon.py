@@ -245,6 +245,7 @@ class Daemon:
         self.intake = Intake(store, self.conversations, metrics, webhook_secrets(self.cfg))
         self.maintenance = Maintenance(store, maintenance_policy(self.cfg), observe=metrics.observe)
         store.on_degraded = self._degraded
+        self.maintenance.on_recovered = self._notify_status  # STATUS= says serving again at once, not 5 s later
         metrics.gauge("natalia_sessions", "Sessions in the store", lambda: len(store))
         metrics.gauge("natalia_store_degraded", "1 while the store refuses changes", lambda: 1.0 if store.degraded else 0.0)
         metrics.gauge("natalia_snapshot_age_seconds", "Since the last snapshot (or start)", self._snapshot_age)

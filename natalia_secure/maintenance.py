@@ -44,6 +44,7 @@ class Maintenance:
         self.store = store
         self.policy = policy or MaintenancePolicy()
         self.observe = observe  # ("snapshot" | "backup", seconds): durations for metrics
+        self.on_recovered: Callable[[], None] | None = None  # the daemon tells systemd at once (STATUS=)
         now = store.clock()
         self._last_snapshot = now
         newest = store.list_backups()
@@ -65,6 +66,8 @@ class Maintenance:
                     await store.snapshot_async(full=True)
                 self._last_snapshot = now
                 log.info("store_recovered", generation=store.generation)
+                if self.on_recovered is not None:
+                    self.on_recovered()
                 done.append("recovered")
                 return done
             if policy.inactive_days is not None and self._due(self._last_purge, 86_400, now):

@@ -137,6 +137,8 @@ def test_degraded_store_recovers_by_itself(
     async def scenario() -> None:
         store = open_store(state_dir, master, clock)
         m = Maintenance(store, MaintenancePolicy(snapshot_every_s=10**9, backup_every_s=10**9, inactive_days=None, retry_s=0.01))
+        told: list[str | None] = []
+        m.on_recovered = lambda: told.append(store.degraded)  # the daemon's STATUS= update: told once it is over
         lsn = store.add_message("34600000001", "user", "before the fault", clock())
         monkeypatch.setattr(journal.os, "fsync", failing_fsync)
         with pytest.raises(Exception, match="Input/output error"):
@@ -145,8 +147,9 @@ def test_degraded_store_recovers_by_itself(
         assert m.next_wait_s() == 0.01
         with pytest.raises(Exception, match="degraded"):
             store.add_message("34600000001", "user", "refused", clock())
+        assert told == []
         assert await m.run_once() == ["recovered"]
-        assert store.degraded is None
+        assert store.degraded is None and told == [None]
         await store.wait_durable(lsn)  # memory held it: the recovery snapshot made it durable
         await store.wait_durable(store.add_message("34600000001", "user", "after", clock()))
         await store.aclose()
