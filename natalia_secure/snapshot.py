@@ -85,30 +85,45 @@ def _json_frame(frames: Iterator[bytes], what: str) -> Any:
         raise IntegrityError(f"snapshot payload lacks a valid {what} frame") from None
 
 
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
 def parse_meta(frames: Iterator[bytes]) -> dict[str, Any]:
+    """The meta frame, strictly checked: authenticated, yet a writer bug or a future version must be an
+    IntegrityError here, never a TypeError deep inside the store (the keyring's payload is held to the same rule)."""
     meta = _json_frame(frames, "meta")
     if not isinstance(meta, dict) or set(meta) != META_KEYS:
         raise IntegrityError("snapshot meta frame is malformed")
+    counts = all(_count(meta[k]) for k in ("lsn", "sessions", "tombstones"))
+    links = all(meta[k] is None or _count(meta[k]) for k in ("segment", "base", "parent"))
+    if not (counts and links):
+        raise IntegrityError("snapshot meta frame holds a value of the wrong type")
     return meta
 
 
 def parse_payload(frames: Iterator[bytes]) -> SnapshotData:
     meta = parse_meta(frames)
     claims = _json_frame(frames, "claims")
-    if not isinstance(claims, dict):
+    if not isinstance(claims, dict) or not all(_count(t) for t in claims.values()):
         raise IntegrityError("snapshot claims frame is malformed")
     sessions: dict[str, bytes] = {}
     tombstones: list[str] = []
-    for body in frames:
-        kind = body[:1]
-        if kind == b"S":
-            (n,) = PHONE_LEN.unpack_from(body, 1)
-            start = 1 + PHONE_LEN.size
-            sessions[body[start : start + n].decode()] = body[start + n :]
-        elif kind == b"D":
-            tombstones.append(body[1:].decode())
-        else:
-            raise IntegrityError("snapshot payload holds a frame of unknown type")
+    try:
+        for body in frames:
+            kind = body[:1]
+            if kind == b"S":
+                (n,) = PHONE_LEN.unpack_from(body, 1)
+                start = 1 + PHONE_LEN.size
+                if start + n > len(body):
+                    raise IntegrityError("snapshot payload holds a session frame shorter than its phone")
+                sessions[body[start : start + n].decode()] = body[start + n :]
+            elif kind == b"D":
+                tombstones.append(body[1:].decode())
+            else:
+                raise IntegrityError("snapshot payload holds a frame of unknown type")
+    except (struct.error, UnicodeDecodeError):
+        raise IntegrityError("snapshot payload holds a malformed session or tombstone frame") from None
     if len(sessions) != meta["sessions"] or len(tombstones) != meta["tombstones"]:
         raise IntegrityError("snapshot payload does not hold the sessions its meta frame counts")
     return SnapshotData(meta, claims, sessions, tombstones)
