@@ -14,19 +14,26 @@ are used in order, one per request; after them every message gets the real API's
 ("wamid.OUT1", "wamid.OUT2", ...) and every read receipt `{"success": true}`. `hold()` makes requests wait, unanswered,
 until `release()` (to kill a daemon while its send is in flight). `Reply.drop()` closes the connection instead of
 answering. Error bodies follow Meta's shape: {"error": {"message", "type", "code", "error_subcode"?, "fbtrace_id"}}.
+
+Run as a process (``python -m tests.fake_graph --record FILE``) for a test that must not share its own CPU with
+it (tests/test_chaos.py): it prints ``{"port": N}``, appends every message it accepts to FILE as a JSON line
+(`accepted_line`: recipient, type, text or image, context), and stops at the end of its stdin.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import tornado.httpserver
@@ -101,8 +108,9 @@ class _Handler(tornado.web.RequestHandler):
 class FakeGraph:
     """The fake server; a context manager (start on enter, stop on exit) or start()/close()."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: IO[bytes] | None = None) -> None:
         self.requests: list[Request] = []
+        self.record = record  # each accepted message, a JSON line (accepted_line); then requests keeps none
         self._scripted: list[Reply] = []
         self._wamids = itertools.count(1)
         self._lock = threading.Condition()
@@ -244,6 +252,17 @@ class FakeGraph:
             handler.write(reply.body)
         with self._lock:
             request.status = reply.status
+            if self.record is not None:
+                self.requests.remove(request)  # a long run: kept in the file only
+                if request.accepted and not request.is_read:
+                    self.record.write(orjson.dumps(accepted_line(request.json)) + b"\n")
+                    self.record.flush()
+
+
+def accepted_line(body: Any) -> dict[str, Any]:
+    """What the record file keeps of an accepted message: who, what, and the message it answers."""
+    body = body if isinstance(body, dict) else {}
+    return {k: body.get(k) for k in ("to", "type", "text", "image", "context")}
 
 
 @contextlib.contextmanager
@@ -254,3 +273,16 @@ def closed_port() -> Iterator[str]:
     port = s.getsockname()[1]
     s.close()
     yield f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake WhatsApp Graph API recording what it accepts.")
+    parser.add_argument("--record", required=True, metavar="FILE", help="append each accepted message here")
+    args = parser.parse_args()
+    with open(args.record, "ab") as record, FakeGraph(record) as graph:
+        print(json.dumps({"port": graph.port}), flush=True)
+        sys.stdin.read()  # until the test closes our stdin (or dies)
+
+
+if __name__ == "__main__":
+    main()
