@@ -199,6 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
             help="conversations replied to at once"),
     Setting("stop_timeout_s", "NATALIA_STOP_TIMEOUT", "natalia.stop_timeout", 15.0, _seconds,
             help="seconds SIGTERM waits for in-flight work"),
+    Setting("resend_wait_s", "NATALIA_RESEND_WAIT", "natalia.resend_wait", 20.0, _seconds,
+            help="after a crash, seconds a reply part maybe sent waits for WhatsApp's status before it is resent"),
     Setting("log_format", "NATALIA_LOG_FORMAT", "logging.format", "auto", _choice("auto", "json", "console"),
             help="log format"),
     Setting("log_level", "NATALIA_LOG_LEVEL", "logging.level", "info", _choice("debug", "info", "warning", "error"),
@@ -241,6 +243,7 @@ class Config:
     keep_monthly: int
     reply_concurrency: int
     stop_timeout_s: float
+    resend_wait_s: float
     log_format: str
     log_level: str
     path: str | None  # the file read, if any

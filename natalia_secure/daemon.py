@@ -60,6 +60,7 @@ RESTART_ONLY = (
     "listen",
     "durability",
     "reply_concurrency",
+    "resend_wait_s",
     # the assistant and the outbox are built at start (the WhatsApp access token alone is applied on reload)
     "anthropic_api_key",
     "anthropic_base_url",
@@ -241,6 +242,7 @@ class Daemon:
             self.catalog,
             self.cfg.reply_concurrency,
             typing=self.cfg.typing_indicator,
+            resend_wait=self.cfg.resend_wait_s,
         )
         self.intake = Intake(store, self.conversations, metrics, webhook_secrets(self.cfg))
         self.maintenance = Maintenance(store, maintenance_policy(self.cfg), observe=metrics.observe)
@@ -400,7 +402,7 @@ class Daemon:
             set_token = getattr(self.outbox, "set_token", None)  # the WhatsApp client (graph.py)
             if set_token is not None and new.access_token:
                 set_token(new.access_token)
-                self._spawn(self.conversations.resume())  # replies kept while the token was refused
+                self._spawn(self.conversations.resume(start=False))  # replies kept while the token was refused
             ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
             self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
             self.reload_error = None

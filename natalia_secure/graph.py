@@ -28,6 +28,7 @@ import httpx2
 import orjson
 import structlog
 
+from . import whatsapp
 from .assistant import Outgoing
 from .errors import SendError
 from .metrics import Metrics
@@ -57,8 +58,9 @@ DESCRIPTIONS: dict[int, str] = {
 LABELLED_CODES = frozenset((*FINAL, *RATE_CODES))
 
 
-def message_body(to: str, part: Outgoing, reply_to: str | None = None) -> dict[str, Any]:
-    """The JSON of one message: a text (link previews off) or an image (link or media id, optional caption)."""
+def message_body(to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> dict[str, Any]:
+    """The JSON of one message: a text (link previews off) or an image (link or media id, optional caption);
+    `tag` comes back in the message's statuses (replies.py: how a restart learns a part was sent)."""
     body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to}
     if part.image is not None:
         image: dict[str, str] = {}
@@ -78,6 +80,8 @@ def message_body(to: str, part: Outgoing, reply_to: str | None = None) -> dict[s
         raise SendError("an empty message was not sent", kind="rejected")
     if reply_to is not None:
         body["context"] = {"message_id": reply_to}
+    if tag is not None:
+        body[whatsapp.CALLBACK_DATA] = tag
     return body
 
 
@@ -173,6 +177,8 @@ class _Failure:
 class GraphClient:
     """Sends through one phone number; one connection pool, shared by every customer's replies."""
 
+    echoes_tags = True  # a message's tag comes back in its statuses (the webhook)
+
     def __init__(
         self,
         graph_url: str,
@@ -208,11 +214,11 @@ class GraphClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str:
         """Send one message; returns its wamid. Raises SendError (see `kind`) once retries are spent or pointless."""
         kind = "image" if part.image is not None else "text"
         try:
-            answer = await self._post(message_body(to, part, reply_to), part=kind, attempts=self.attempts, phone=to)
+            answer = await self._post(message_body(to, part, reply_to, tag), part=kind, attempts=self.attempts, phone=to)
         except SendError as exc:
             self.metrics.whatsapp_sends.labels(kind, exc.kind).inc()
             raise

@@ -23,12 +23,13 @@ import structlog
 from . import sessions, whatsapp
 from .errors import InputError, PayloadError, StoreUnavailable
 from .metrics import Metrics
-from .replies import Conversations
+from .replies import Conversations, parse_tag
 from .store import Store
 
 log = structlog.get_logger("natalia_secure.intake")
 
 MAX_MESSAGE_ID = 512  # what the store accepts as a claim; Meta's wamids are ~60 characters
+CONFIRMING = ("sent", "delivered", "read")  # statuses that say WhatsApp has the message ("failed" does not)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,20 @@ class Intake:
         except InputError as exc:
             log.warning("webhook_rejected", reason=str(exc))
             return Answer(400, "bad_request", {"error": str(exc)})
-        for status in hook.statuses:
-            self.metrics.status(status.status)
+        ours = False  # a status of a part we sent: acknowledged only once what it says is durable
+        try:
+            for status in hook.statuses:
+                self.metrics.status(status.status)
+                if status.callback and status.status in CONFIRMING and parse_tag(status.callback) is not None:
+                    ours = True
+                    self.conversations.confirm(status.recipient, status.callback)
+            if ours:
+                # the part's "sent" record (appended by confirm, or by the reply itself a moment ago): a status
+                # acknowledged is never redelivered, so a restart could not learn it again
+                await self.store.wait_durable(self.store.lsn)
+        except StoreUnavailable as exc:
+            log.error("webhook_unavailable", reason=str(exc), degraded=self.store.degraded)
+            return Answer(503, "unavailable", {"error": "the store cannot persist messages right now; retry later"})
         if not hook.messages:
             outcome = "ignored" if hook.ignored and not hook.statuses else "ok"
             return Answer(200, outcome, {"messages": 0, "duplicates": 0, "statuses": len(hook.statuses)})

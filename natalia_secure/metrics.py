@@ -68,6 +68,14 @@ class Metrics:
             "natalia_window_closed", "Replies not sent: the 24-hour customer service window had closed", registry=r
         )
         self.resumed = Counter("natalia_replies_resumed", "Replies finished or made at start after a crash or stop", registry=r)
+        self.unsure_parts = Counter(
+            "natalia_reply_parts_unsure",
+            "After a start, reply parts maybe sent before it: confirmed by WhatsApp's status, or sent (again) unconfirmed",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("confirmed", "unconfirmed"):
+            self.unsure_parts.labels(outcome)
         self._gauges: dict[str, Gauge] = {}
         # Present at 0 from the start (rate() and alerts need the series to exist), and kept: labels() costs ~1.5 us
         # a call (a lock and a lookup), which counting each webhook, message and reply paid (bench/webhook.py).

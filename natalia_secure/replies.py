@@ -13,8 +13,14 @@ The reply state is in the journal, so a crash never loses a reply and repeats at
               made durable before anything is sent: `meta.pending = {parts, reply_to}`
     sent      after each part WhatsApp accepted, `meta.sent_parts` moves on; after the last, `pending` is removed
 At start (`resume`), every session within the 24-hour window whose reply is pending is finished, and every one
-whose newest message is from the customer is answered — once. Only a crash between a part's send and its record
-can send that part twice.
+whose newest message is from the customer is answered — once.
+
+A crash between a part's send and its "sent" record leaves the part unsure: WhatsApp may have it. Each part is sent
+with a tag (`part_tag`: the reply's random id and the part's index, nothing personal) that WhatsApp echoes in the
+message's statuses (biz_opaque_callback_data). A status of a part not recorded as sent records it (`confirm`,
+before the status is acknowledged); after a start, a pending reply waits up to `resend_wait` seconds, holding no
+slot, for such a status (Meta redelivers the ones the crash left unacknowledged) and sends the part again only if
+none came.
 
 WhatsApp accepts free-form messages only within 24 hours of the customer's last message: outside it a pending
 reply is dropped (counted). A send refused for good (window closed, undeliverable, rejected) drops the reply; one
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sys
 import time
 from collections import deque
@@ -47,10 +54,30 @@ DEGRADED_RETRY_S = 1.0  # how often a reply waiting on a degraded store looks ag
 WINDOW_MS = 24 * 3600 * 1000  # WhatsApp's customer service window
 TURN_TIMEOUT_S = 300.0  # a whole turn (Claude's tool rounds, WhatsApp's retries): beyond it, give the slot back
 DROP_KINDS = ("window_closed", "undeliverable", "rejected")  # graph.SendError kinds that no retry will fix
+RESEND_WAIT_S = 20.0  # after a start, how long an unsure part waits for WhatsApp's status before it is sent again
+TAG_PREFIX = "natalia-secure:"
+
+
+def part_tag(reply_id: str, index: int) -> str:
+    """What part `index` of a reply is sent with, and its statuses echo."""
+    return f"{TAG_PREFIX}{reply_id}.{index}"
+
+
+def parse_tag(tag: str) -> tuple[str, int] | None:
+    """(reply id, part index) of one of our tags; None for anything else (another sender's, or none)."""
+    if not tag.startswith(TAG_PREFIX):
+        return None
+    reply_id, _, index = tag[len(TAG_PREFIX) :].rpartition(".")
+    if not reply_id or not index.isascii() or not index.isdigit() or len(index) > 6:
+        return None
+    return reply_id, int(index)
 
 
 class Outbox(Protocol):
-    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str: ...
+    """Where parts go. One whose messages' statuses echo the tag they were sent with (WhatsApp) also has
+    `echoes_tags = True`, and takes `tag=`."""
+
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str: ...
 
     async def mark_read(self, message_id: str, typing: bool = False) -> None: ...
 
@@ -62,7 +89,7 @@ class LogOutbox:
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str:
         self.sent += 1
         log.debug("reply_part_logged", phone=to, kind="image" if part.image else "text", chars=len(part.text or ""))
         return f"logged.{self.sent}"
@@ -78,7 +105,7 @@ class TerminalOutbox:
         self.stream = stream or sys.stderr
         self.sent = 0
 
-    async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str:
         self.sent += 1
         if part.image is not None:
             where = part.image.link or f"media {part.image.media_id}"
@@ -114,6 +141,7 @@ class Conversations:
         *,
         typing: bool = False,
         clock: Callable[[], int] | None = None,
+        resend_wait: float = RESEND_WAIT_S,
     ) -> None:
         self.store = store
         self.assistant = assistant
@@ -128,6 +156,9 @@ class Conversations:
         # parts WhatsApp took whose "sent" record the store could not take (degraded): never sent twice meanwhile
         self._sent_upto: dict[str, int] = {}
         self._closing = False
+        self._tags = bool(getattr(outbox, "echoes_tags", False))
+        self.resend_wait = resend_wait
+        self._unsure: dict[str, asyncio.Event] = {}  # after a start: set once a status settled the part
 
     @property
     def pending(self) -> int:
@@ -149,6 +180,8 @@ class Conversations:
                 batch = list(queue)  # everything queued so far is answered by one reply
                 if not await self._durable(max(lsn for _, lsn in batch)):
                     return  # closing: left for the restart to find (claimed, not answered)
+                if phone in self._unsure:
+                    await self._settle(phone)
                 async with self._slots:
                     try:
                         # asyncio.timeout, not wait_for: wait_for (3.11) runs the turn in a task of its own
@@ -169,6 +202,37 @@ class Conversations:
             if not queue:
                 self._queues.pop(phone, None)
             self._workers.pop(phone, None)
+
+    async def _settle(self, phone: str) -> None:
+        """After a start: wait, holding no slot, until a status says the unsure part reached WhatsApp (`confirm`
+        recorded it) or `resend_wait` passes (it is sent again)."""
+        try:
+            async with asyncio.timeout(self.resend_wait):
+                await self._unsure[phone].wait()
+            outcome = "confirmed"
+        except TimeoutError:
+            outcome = "unconfirmed"
+        del self._unsure[phone]
+        self.metrics.unsure_parts.labels(outcome).inc()
+        log.info("reply_part_unsure", phone=phone, outcome=outcome)
+
+    def confirm(self, phone: str, tag: str) -> bool:
+        """A status (sent, delivered, read) of a message we sent with `tag`: if its part is not recorded as sent
+        yet, record it (and those before it: parts go one after the other, each once the one before was taken), in
+        whatever order statuses come. True if a record was appended (the caller waits for it before its 200)."""
+        parsed = parse_tag(tag)
+        if parsed is None or phone not in self.store:
+            return False
+        reply_id, index = parsed
+        state = self.store.view(phone).get(sessions.META, {})
+        pending = state.get("pending") or {}
+        if pending.get("id") != reply_id or int(state.get("sent_parts") or 0) > index or index >= len(pending["parts"]):
+            return False  # another reply's, or recorded already
+        last = index + 1 == len(pending["parts"])
+        self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": index + 1})
+        if phone in self._unsure:
+            self._unsure[phone].set()
+        return True
 
     async def _durable(self, lsn: int) -> bool:
         while True:
@@ -234,7 +298,7 @@ class Conversations:
         meta: dict[str, Any] = {
             "photos": photos.sent or None,
             "last_album": photos.last_album,
-            "pending": {"parts": [p.to_json() for p in parts], "reply_to": reply_to},
+            "pending": {"parts": [p.to_json() for p in parts], "reply_to": reply_to, "id": secrets.token_hex(6)},
             "sent_parts": None,
         }
         # Messages that arrived while the reply was being made were not read by the assistant: the reply goes
@@ -271,9 +335,14 @@ class Conversations:
             log.info("reply_dropped", phone=phone, reason="24-hour window closed")
             return
         parts = [Outgoing.from_json(p) for p in pending["parts"]]
+        reply_id = pending.get("id") if self._tags else None  # replies recorded before tags had none
         for i in range(max(done, self._sent_upto.get(phone, 0)), len(parts)):
+            reply_to = pending.get("reply_to") if i == 0 else None
             try:
-                await self.outbox.send(phone, parts[i], pending.get("reply_to") if i == 0 else None)
+                if reply_id is None:
+                    await self.outbox.send(phone, parts[i], reply_to)
+                else:
+                    await self.outbox.send(phone, parts[i], reply_to, tag=part_tag(reply_id, i))
             except SendError as exc:
                 self.metrics.reply("failed")
                 if exc.kind in DROP_KINDS:
@@ -297,9 +366,10 @@ class Conversations:
 
     # ---- start and stop ----
 
-    async def resume(self, slice_ms: float = 5.0) -> int:
+    async def resume(self, slice_ms: float = 5.0, start: bool = True) -> int:
         """After a start: finish pending replies and answer unanswered messages inside the 24-hour window.
-        Sessions are read in slices between which the loop serves webhooks; returns how many were queued."""
+        Sessions are read in slices between which the loop serves webhooks; returns how many were queued.
+        `start`: pending replies' next parts are unsure (the process before may have died sending them)."""
         horizon = self.clock() - WINDOW_MS
         queued = 0
         t0 = time.perf_counter()
@@ -312,7 +382,11 @@ class Conversations:
             session = self.store.get(phone)  # a copy: a view would keep every session decoded (4x memory)
             if session["lastActivity"] < horizon:
                 continue
-            if session.get(sessions.META, {}).get("pending") or pending_user_text(session):
+            pending = session.get(sessions.META, {}).get("pending")
+            if start and pending and pending.get("id") and self._tags:
+                # its next part may have reached WhatsApp just before the crash: wait for a status first (_settle)
+                self._unsure[phone] = asyncio.Event()
+            if pending or pending_user_text(session):
                 self.submit(phone, None, 0)
                 self.metrics.resumed.inc()
                 queued += 1

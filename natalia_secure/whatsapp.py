@@ -25,6 +25,9 @@ from .errors import PayloadError
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 MAX_BODY = 3 * 1024 * 1024  # Meta's own limit for a webhook body
 OBJECT = "whatsapp_business_account"
+# A string of ours sent with a message and echoed back, untouched, in each of its statuses (Meta, "Messages" and
+# the statuses webhook: biz_opaque_callback_data, up to 512 characters).
+CALLBACK_DATA = "biz_opaque_callback_data"
 
 
 def signature_ok(app_secret: bytes, body: bytes, header: str | None) -> bool:
@@ -65,6 +68,24 @@ def text_webhook(messages: list[tuple[str, str, str, int]], phone_number_id: str
     return orjson.dumps({"object": OBJECT, "entry": [{"id": "100000000000000", "changes": [change]}]})
 
 
+def status_webhook(statuses: list[tuple[str, str, str, str | None]], phone_number_id: str = "100000000000001") -> bytes:
+    """A webhook body as Meta shapes it, carrying statuses of messages we sent, given as (wamid, recipient wa_id,
+    status, the biz_opaque_callback_data it was sent with or None)."""
+    entries = []
+    for wamid, recipient, status, callback in statuses:
+        entry = {"id": wamid, "status": status, "timestamp": "1770000000", "recipient_id": recipient}
+        if callback is not None:
+            entry[CALLBACK_DATA] = callback
+        entries.append(entry)
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
+        "statuses": entries,
+    }
+    change = {"field": "messages", "value": value}
+    return orjson.dumps({"object": OBJECT, "entry": [{"id": "100000000000000", "changes": [change]}]})
+
+
 def subscription_challenge(args: Mapping[str, str], verify_token: str) -> str | None:
     """The challenge to echo for a valid subscription request, else None (the caller answers 403)."""
     if args.get("hub.mode") != "subscribe":
@@ -96,6 +117,7 @@ class Status:
     status: str
     recipient: str
     timestamp_ms: int
+    callback: str = ""  # biz_opaque_callback_data: the tag we sent the message with (replies.part_tag), echoed
 
 
 @dataclass
@@ -199,12 +221,12 @@ def _parse_value(value: dict[str, Any], where: str, result: Webhook) -> None:
 def _status(status: object) -> Status:
     if not isinstance(status, dict):
         return Status("", "other", "", 0)
-    fields = [v if isinstance(v := status.get(k), str) else "" for k in ("id", "status", "recipient_id")]
+    fields = [v if isinstance(v := status.get(k), str) else "" for k in ("id", "status", "recipient_id", CALLBACK_DATA)]
     try:
         ts = _timestamp_ms(status, "status")
     except PayloadError:
         ts = 0
-    return Status(fields[0], fields[1] or "other", fields[2], ts)
+    return Status(fields[0], fields[1] or "other", fields[2], ts, fields[3])
 
 
 def _part(message: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -15,9 +15,14 @@ are used in order, one per request; after them every message gets the real API's
 until `release()` (to kill a daemon while its send is in flight). `Reply.drop()` closes the connection instead of
 answering. Error bodies follow Meta's shape: {"error": {"message", "type", "code", "error_subcode"?, "fbtrace_id"}}.
 
-Run as a process (``python -m tests.fake_graph --record FILE``) for a test that must not share its own CPU with
-it (tests/test_chaos.py): it prints ``{"port": N}``, appends every message it accepts to FILE as a JSON line
-(`accepted_line`: recipient, type, text or image, context), and stops at the end of its stdin.
+`statuses_to(url, app_secret)` makes it Meta's webhook side too: each message accepted with a
+biz_opaque_callback_data gets a signed "sent" status POSTed to `url`, retried (as Meta does) until answered 200 —
+also across a daemon's restart on another `url`.
+
+Run as a process (``python -m tests.fake_graph --record FILE [--app-secret S]``) for a test that must not share its
+own CPU with it (tests/test_chaos.py): it prints ``{"port": N}``, appends every message it accepts to FILE as a JSON
+line (`accepted_line`: recipient, type, text or image, context), reads ``{"statuses_to": URL}`` lines on its stdin,
+and stops at the end of it.
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
+import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+
+from natalia_secure import whatsapp
 
 # Realistic refusals (Meta, "Cloud API > Error codes"): HTTP status and message for each code the client handles.
 ERRORS: dict[int, tuple[int, str, str]] = {
@@ -116,11 +124,17 @@ class FakeGraph:
         self._lock = threading.Condition()
         self._open = threading.Event()  # set: requests are answered; clear: they wait (hold)
         self._open.set()
+        self._hold_reads = True
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self.port = 0
+        self._status_url: str | None = None
+        self._app_secret = b""
+        # statuses to deliver (wamid, recipient, "sent", tag), on the fake's loop
+        self._statuses: asyncio.Queue[tuple[str, str, str, str | None]] | None = None
+        self.statuses_delivered = 0
 
     @property
     def url(self) -> str:
@@ -157,8 +171,12 @@ class FakeGraph:
         app = tornado.web.Application([(r"(/.*)", _Handler, {"graph": self})], log_function=lambda handler: None)
         server = tornado.httpserver.HTTPServer(app)
         server.add_sockets(sockets)
+        self._statuses = asyncio.Queue()
+        senders = [asyncio.create_task(self._send_statuses()) for _ in range(STATUS_SENDERS)]
         self._ready.set()
         await self._stop.wait()
+        for task in senders:
+            task.cancel()
         server.stop()
         await server.close_all_connections()
 
@@ -169,8 +187,14 @@ class FakeGraph:
         with self._lock:
             self._scripted.extend(r if isinstance(r, Reply) else Reply(*r) for r in replies)
 
-    def hold(self) -> None:
-        """From now on, requests are recorded but not answered until release()."""
+    def statuses_to(self, url: str | None, app_secret: str = "") -> None:
+        """POST a "sent" status of each tagged message accepted from now on (and of those still queued) to `url`."""
+        self._app_secret = app_secret.encode() or self._app_secret
+        self._status_url = url
+
+    def hold(self, reads: bool = True) -> None:
+        """From now on, requests (but read receipts if not `reads`) are recorded but not answered until release()."""
+        self._hold_reads = reads
         self._open.clear()
 
     def release(self) -> None:
@@ -224,6 +248,26 @@ class FakeGraph:
             },
         )
 
+    async def _send_statuses(self) -> None:
+        """Deliver queued statuses as Meta does: a signed POST of up to STATUS_BATCH of them; anything but a 200 (or
+        no answer) is retried."""
+        assert self._statuses is not None
+        client = tornado.httpclient.AsyncHTTPClient()
+        while True:
+            batch = [await self._statuses.get()]
+            while len(batch) < STATUS_BATCH and not self._statuses.empty():
+                batch.append(self._statuses.get_nowait())
+            body = whatsapp.status_webhook(batch)
+            while True:
+                url = self._status_url
+                headers = {whatsapp.SIGNATURE_HEADER: whatsapp.sign(self._app_secret, body), "Content-Type": "application/json"}
+                with contextlib.suppress(Exception):  # refused, reset, timed out, non-200: the daemon is down or busy
+                    answer = await client.fetch(url or "", method="POST", body=body, headers=headers, request_timeout=5)
+                    if answer.code == 200:
+                        self.statuses_delivered += len(batch)
+                        break
+                await asyncio.sleep(STATUS_RETRY_S)
+
     async def _answer(self, handler: _Handler) -> None:
         raw = handler.request.body
         try:
@@ -235,7 +279,8 @@ class FakeGraph:
         with self._lock:
             self.requests.append(request)
             self._lock.notify_all()
-        while not self._open.is_set():  # polled: hold/release come from other threads
+        # polled: hold/release come from other threads
+        while not self._open.is_set() and (self._hold_reads or not request.is_read):
             await asyncio.sleep(0.005)
         reply = self._next_reply(request)
         if reply.drop:
@@ -252,6 +297,11 @@ class FakeGraph:
             handler.write(reply.body)
         with self._lock:
             request.status = reply.status
+            body = request.json if isinstance(request.json, dict) else {}
+            tag = body.get(whatsapp.CALLBACK_DATA)
+            if request.accepted and isinstance(tag, str) and self._statuses is not None and self._status_url is not None:
+                wamid = str((reply.body or {}).get("messages", [{}])[0].get("id")) if isinstance(reply.body, dict) else ""
+                self._statuses.put_nowait((wamid, str(body.get("to")), "sent", tag))
             if self.record is not None:
                 self.requests.remove(request)  # a long run: kept in the file only
                 if request.accepted and not request.is_read:
@@ -259,10 +309,15 @@ class FakeGraph:
                     self.record.flush()
 
 
+STATUS_SENDERS = 4  # statuses POSTed at once (Meta's order between messages is not guaranteed either)
+STATUS_RETRY_S = 0.05
+STATUS_BATCH = 100  # Meta puts several statuses in one webhook too; one at a time could not keep up with a load test
+
+
 def accepted_line(body: Any) -> dict[str, Any]:
     """What the record file keeps of an accepted message: who, what, and the message it answers."""
     body = body if isinstance(body, dict) else {}
-    return {k: body.get(k) for k in ("to", "type", "text", "image", "context")}
+    return {k: body.get(k) for k in ("to", "type", "text", "image", "context", whatsapp.CALLBACK_DATA)}
 
 
 @contextlib.contextmanager
@@ -278,10 +333,13 @@ def closed_port() -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="A fake WhatsApp Graph API recording what it accepts.")
     parser.add_argument("--record", required=True, metavar="FILE", help="append each accepted message here")
+    parser.add_argument("--app-secret", default="", help="sign statuses with it (given a statuses_to URL)")
     args = parser.parse_args()
     with open(args.record, "ab") as record, FakeGraph(record) as graph:
         print(json.dumps({"port": graph.port}), flush=True)
-        sys.stdin.read()  # until the test closes our stdin (or dies)
+        for line in sys.stdin:  # until the test closes our stdin (or dies)
+            command = json.loads(line)
+            graph.statuses_to(command["statuses_to"], args.app_secret)
 
 
 if __name__ == "__main__":

@@ -475,20 +475,54 @@ def test_sigkill_between_the_reply_intent_and_its_send_sends_it_once(
     tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
 ) -> None:  # type: ignore[no-untyped-def]
     """The reply is decided and durable, WhatsApp answers 500 (the client backs off); the daemon is killed. At start
-    the recorded reply is sent (not a new one) and only once."""
+    the recorded reply is sent (not a new one) and only once: no status of it comes (WhatsApp never took it), so
+    after NATALIA_RESEND_WAIT it is sent again, with the same tag."""
     from .fake_graph import FakeGraph
 
     with FakeGraph() as graph:
         graph.script((500, {"error": {"code": 1, "message": "x"}}), (500, {"error": {"code": 1, "message": "x"}}))
-        d = start(daemons, tmp_path, state_dir, master_key_file, env=whatsapp_env(graph.url)).wait_ready()
+        env = {**whatsapp_env(graph.url), "NATALIA_RESEND_WAIT": "1"}
+        d = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
         assert d.post(body("wamid.SK2", PHONES[1], "Hola"))[0] == 200
         graph.wait_for(2, timeout=20)  # the read receipt and the first attempt at the text, both refused
         d.kill()
-        again = start(daemons, tmp_path, state_dir, master_key_file, env=whatsapp_env(graph.url)).wait_ready()
+        again = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
         again.until(lambda: len(graph.sent_texts(to=PHONES[1])) == 1)
         time.sleep(0.5)
         texts = graph.sent_texts(to=PHONES[1])
         assert len(texts) == 1 and texts[0].startswith("¡Hola! Soy Natalia")
+        tags = [r.json.get("biz_opaque_callback_data") for r in graph.requests if not r.is_read]
+        assert len(tags) == 2 and tags[0] == tags[1] and tags[0].startswith("natalia-secure:")
+        assert again.event("reply_part_unsure")["outcome"] == "unconfirmed"
+        assert again.metric('natalia_reply_parts_unsure_total{outcome="unconfirmed"}') == 1
+        assert again.stop() == 0
+
+
+def test_a_part_whatsapp_took_before_a_sigkill_is_confirmed_by_its_status_and_not_sent_again(
+    tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    """WhatsApp takes the reply's text but its answer never reaches the daemon, killed meanwhile: the "sent" record
+    is missing. The text's "sent" status (Meta's webhook, carrying the tag it was sent with) fails against the dead
+    daemon and is redelivered to the restarted one, which records the part as sent and does not send it again.
+    The photos after it are sent once."""
+    from .fake_graph import FakeGraph
+
+    with FakeGraph() as graph:
+        env = {**whatsapp_env(graph.url), "NATALIA_RESEND_WAIT": "30"}
+        d = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+        graph.statuses_to(d.url + "/webhook", SECRET)
+        graph.hold(reads=False)
+        assert d.post(body("wamid.SK3", PHONES[3], "Quiero fotos de salado"))[0] == 200
+        graph.wait_for(2, timeout=20)  # the read receipt (answered) and the text (held)
+        d.kill()
+        graph.release()  # WhatsApp took them: the text's status goes to the dead daemon, and is retried
+        again = start(daemons, tmp_path, state_dir, master_key_file, env=env).wait_ready()
+        graph.statuses_to(again.url + "/webhook")
+        again.until(lambda: len(graph.sent_images(to=PHONES[3])) == 3)
+        assert again.event("reply_part_unsure")["outcome"] == "confirmed"
+        time.sleep(0.5)
+        assert len(graph.sent_texts(to=PHONES[3])) == 1
+        assert again.metric('natalia_reply_parts_unsure_total{outcome="confirmed"}') == 1
         assert again.stop() == 0
 
 

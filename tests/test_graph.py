@@ -17,7 +17,7 @@ from natalia_secure import logs
 from natalia_secure.assistant import Outgoing
 from natalia_secure.catalog import Image
 from natalia_secure.errors import SendError
-from natalia_secure.graph import GraphClient, classify, code_label, retry_after
+from natalia_secure.graph import GraphClient, classify, code_label, message_body, retry_after
 from natalia_secure.metrics import Metrics
 
 from .fake_graph import FakeGraph, Reply, closed_port, graph_error
@@ -110,6 +110,13 @@ def test_a_text_is_posted_to_the_messages_path_with_the_bearer_token(graph: Fake
     }
     assert wamid == "wamid.OUT1" and sleeps.delays == []
     assert graph.sent_texts() == [TEXT] and graph.sent_texts(to="15550009999") == []
+
+
+def test_a_tag_goes_as_biz_opaque_callback_data() -> None:
+    """What WhatsApp echoes in the message's statuses (replies.py settles unsure parts with it)."""
+    body = message_body(PHONE, Outgoing(text=TEXT), "wamid.IN", tag="natalia-secure:ab.0")
+    assert body["biz_opaque_callback_data"] == "natalia-secure:ab.0" and body["context"] == {"message_id": "wamid.IN"}
+    assert "biz_opaque_callback_data" not in message_body(PHONE, Outgoing(text=TEXT))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from natalia_secure.assistant import Outgoing, PhotoTool, pending_user_text
 from natalia_secure.errors import SendError
 from natalia_secure.metrics import Metrics
 from natalia_secure.natalia import OfflineNatalia
-from natalia_secure.replies import WINDOW_MS, Conversations
+from natalia_secure.replies import WINDOW_MS, Conversations, parse_tag, part_tag
 from natalia_secure.store import Store
 
 CATALOG = catalog.load(None)
@@ -393,3 +393,104 @@ def test_a_part_sent_just_before_the_store_degrades_is_not_sent_again(store: Sto
         assert len(texts) == 1 and len(images) == 3 and store.meta(PHONE).get("pending") is None
 
     asyncio.run(go())
+
+
+# ---- tags: WhatsApp's statuses settle a part whose "sent" record is missing ----
+
+
+@dataclass
+class Tagging(Recorder):
+    """An outbox whose statuses echo tags (as WhatsApp's do); keeps each part's tag. `status_during` makes the
+    status of a part arrive while its send has not returned yet, then the send fails for now."""
+
+    echoes_tags: bool = True
+    tags: list[str | None] = field(default_factory=list)
+    conv: Conversations | None = None
+    status_during: int | None = None
+
+    async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str:
+        self.tags.append(tag)
+        if self.status_during == len(self.tags) - 1 and self.conv is not None and tag is not None:
+            assert self.conv.confirm(to, tag)  # WhatsApp took it and said so; its answer to us was lost
+            raise SendError("read timed out", kind="network")
+        return await super().send(to, part, reply_to)
+
+
+def test_tags_are_ours_or_nothing() -> None:
+    assert parse_tag(part_tag("0a1b2c", 3)) == ("0a1b2c", 3)
+    for other in ("", "natalia-secure:", "natalia-secure:abc.", "natalia-secure:.1", "natalia-secure:ab.\uff11", "campaign:7.1"):
+        assert parse_tag(other) is None, other
+
+
+def test_a_status_that_comes_before_the_send_returns_records_the_part(store: Store) -> None:
+    """WhatsApp took the text and its status came, but the send then failed for now (a timeout after the
+    acceptance): the text is recorded as sent, so the retry at the next message sends only the photos."""
+
+    async def go() -> None:
+        outbox = Tagging(status_during=0)
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        outbox.conv = conv
+        accept(store, conv, PHONE, "Quiero fotos de salado", 0)
+        await settle(conv)
+        assert outbox.sent == [] and store.meta(PHONE)["sent_parts"] == 1  # kept for later, its text recorded
+        accept(store, conv, PHONE, "¿hola?", 1)
+        await settle(conv)
+        first = parse_tag(outbox.tags[0] or "")
+        assert first is not None
+        assert outbox.tags[:4] == [part_tag(first[0], i) for i in range(4)]  # each part once: the text not again
+        assert [p.image is not None for _, p, _ in outbox.sent] == [True, True, True, False]  # then the new reply
+        assert not conv.confirm(PHONE, outbox.tags[0] or "")  # a late status of it again: recorded already
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_after_a_start_an_unsure_part_waits_for_its_status(state_dir: str, master: object, confirmed: bool) -> None:
+    """A reply recorded with a tag, 1 of 4 parts sent when the daemon died. At start, part 2 may be at WhatsApp:
+    it waits (other conversations go on) for its status; confirmed, only parts 3-4 are sent; otherwise, after
+    resend_wait, parts 2-4."""
+
+    async def go() -> None:
+        store = Store.open(state_dir, master)  # type: ignore[arg-type]
+        now = store.clock()
+        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
+        store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
+        pending = {"pending": {"parts": [p.to_json() for p in parts], "reply_to": "w1", "id": "c0ffee"}, "sent_parts": 1}
+        store.add_message(PHONE, "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
+        store.add_message("34600000002", "user", "hola", now, message_id="w2")
+        store.flush()
+        outbox = Tagging()
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox, resend_wait=0.3 if not confirmed else 10.0)
+        assert await conv.resume() == 2
+        for _ in range(100):  # the other conversation is answered meanwhile
+            await asyncio.sleep(0.01)
+            if outbox.texts("34600000002"):
+                break
+        assert outbox.texts("34600000002") and [p for to, p, _ in outbox.sent if to == PHONE] == []
+        assert not conv.confirm(PHONE, part_tag("bad1d0", 1))  # a status of another reply settles nothing
+        assert not conv.confirm(PHONE, part_tag("c0ffee", 0))  # nor one of a part recorded already
+        if confirmed:
+            assert conv.confirm("34600000002", part_tag("c0ffee", 1)) is False  # another conversation's
+            assert conv.confirm(PHONE, part_tag("c0ffee", 1))
+        await settle(conv)
+        first = [p for to, p, _ in outbox.sent if to == PHONE]
+        assert first == (parts[2:] if confirmed else parts[1:])
+        assert store.meta(PHONE) == {}
+        assert sample(conv, "natalia_reply_parts_unsure_total", outcome="confirmed" if confirmed else "unconfirmed") == 1
+        await conv.close(1)
+        await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_statuses_in_any_order_record_every_part_up_to_theirs(store: Store) -> None:
+    """Parts go one after the other, each once WhatsApp took the one before: a status of part 2 says parts 0-2 were
+    taken, and one of part 1 coming after it changes nothing."""
+    now = store.clock()
+    parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
+    store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
+    store.add_message(PHONE, "assistant", "x", now, meta={"pending": {"parts": [p.to_json() for p in parts], "id": "ab"}})
+    conv = conversations(store, OfflineNatalia(CATALOG), Tagging())
+    assert conv.confirm(PHONE, part_tag("ab", 2)) and store.meta(PHONE)["sent_parts"] == 3
+    assert not conv.confirm(PHONE, part_tag("ab", 1)) and not conv.confirm(PHONE, part_tag("ab", 4))
+    assert conv.confirm(PHONE, part_tag("ab", 3)) and store.meta(PHONE) == {}

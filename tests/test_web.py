@@ -350,6 +350,29 @@ def test_statuses_are_counted_and_never_create_sessions(state_dir: str, master: 
     run(go())
 
 
+def test_a_status_of_our_part_is_acknowledged_only_once_durable(
+    state_dir: str, master: MasterKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status carrying our tag may be all a restart learns of a part WhatsApp took: it gets 200 only once the
+    store has made durable what it appended (503 while it cannot, so Meta redelivers it); another sender's status
+    needs nothing of the store."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            srv.store.add_message("34600000009", "user", "hola", srv.store.clock(), message_id="wamid.Q")  # not durable
+
+            def failing(fd: int) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(os, "fsync", failing)
+            ours = whatsapp.status_webhook([("wamid.OUT1", "34600000009", "delivered", "natalia-secure:ab12.0")])
+            theirs = whatsapp.status_webhook([("wamid.OUT2", "34600000009", "delivered", "campaign-7")])
+            assert (await srv.post(theirs)).code == 200
+            assert (await srv.post(ours)).code == 503
+
+    run(go())
+
+
 def test_payloads_of_other_kinds_are_acknowledged_and_ignored(state_dir: str, master: MasterKey) -> None:
     """Another object or field, correctly signed: 200 and nothing recorded."""
 

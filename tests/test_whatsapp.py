@@ -156,6 +156,14 @@ def test_statuses_are_parsed_and_never_become_messages() -> None:
     assert hook.statuses == [whatsapp.Status("wamid.OUT", "delivered", "34698189848", 1770155800000)]
 
 
+def test_a_status_brings_back_the_callback_data_its_message_was_sent_with() -> None:
+    """biz_opaque_callback_data (the tag replies.py sends each part with) comes back in the status; "" if absent."""
+    body = whatsapp.status_webhook([("wamid.OUT", "34698189848", "sent", "natalia-secure:ab.0"), ("wamid.O2", "1", "read", None)])
+    first, second = whatsapp.parse_webhook(body).statuses
+    assert (first.status, first.recipient, first.callback) == ("sent", "34698189848", "natalia-secure:ab.0")
+    assert (second.status, second.callback) == ("read", "")
+
+
 @pytest.mark.parametrize(
     "obj",
     [
