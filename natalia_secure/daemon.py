@@ -402,7 +402,7 @@ class Daemon:
             set_token = getattr(self.outbox, "set_token", None)  # the WhatsApp client (graph.py)
             if set_token is not None and new.access_token:
                 set_token(new.access_token)
-                self._spawn(self.conversations.resume(start=False))  # replies kept while the token was refused
+                self._spawn(self.conversations.resume())  # replies kept while the token was refused
             ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
             self.cfg = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in RESTART_ONLY})
             self.reload_error = None

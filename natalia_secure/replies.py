@@ -18,9 +18,10 @@ whose newest message is from the customer is answered — once.
 A crash between a part's send and its "sent" record leaves the part unsure: WhatsApp may have it. Each part is sent
 with a tag (`part_tag`: the reply's random id and the part's index, nothing personal) that WhatsApp echoes in the
 message's statuses (biz_opaque_callback_data). A status of a part not recorded as sent records it (`confirm`,
-before the status is acknowledged); after a start, a pending reply waits up to `resend_wait` seconds, holding no
-slot, for such a status (Meta redelivers the ones the crash left unacknowledged) and sends the part again only if
-none came.
+before the status is acknowledged). Each part is sent only once the record of the one before is durable, so a crash
+leaves at most one part unsure: the next one of a pending reply recorded by an earlier process ("run"). Before
+finishing such a reply, its conversation waits up to `resend_wait` seconds, holding no slot, for that part's status
+(Meta redelivers the ones the crash left unacknowledged), and sends it again only if none came.
 
 WhatsApp accepts free-form messages only within 24 hours of the customer's last message: outside it a pending
 reply is dropped (counted). A send refused for good (window closed, undeliverable, rejected) drops the reply; one
@@ -153,12 +154,15 @@ class Conversations:
         self._slots = asyncio.Semaphore(concurrency)
         self._queues: dict[str, deque[tuple[str | None, int]]] = {}  # phone -> (wamid or None for a resume, lsn)
         self._workers: dict[str, asyncio.Task[None]] = {}
-        # parts WhatsApp took whose "sent" record the store could not take (degraded): never sent twice meanwhile
-        self._sent_upto: dict[str, int] = {}
+        # phone -> (reply id, parts WhatsApp took) whose "sent" record the store could not take (degraded): never
+        # sent twice meanwhile
+        self._sent_upto: dict[str, tuple[str | None, int]] = {}
         self._closing = False
         self._tags = bool(getattr(outbox, "echoes_tags", False))
         self.resend_wait = resend_wait
-        self._unsure: dict[str, asyncio.Event] = {}  # after a start: set once a status settled the part
+        self._run = secrets.token_hex(4)  # this process's, in the replies it records: others' are an earlier run's
+        self._settled: set[str] = set()  # ids of an earlier run's replies whose unsure part is settled
+        self._unsure: dict[str, asyncio.Event] = {}  # phone -> set when a status settles its unsure part
 
     @property
     def pending(self) -> int:
@@ -180,8 +184,9 @@ class Conversations:
                 batch = list(queue)  # everything queued so far is answered by one reply
                 if not await self._durable(max(lsn for _, lsn in batch)):
                     return  # closing: left for the restart to find (claimed, not answered)
-                if phone in self._unsure:
-                    await self._settle(phone)
+                inherited = self._inherited(phone)
+                if inherited is not None and not await self._settle(phone, inherited):
+                    return  # closing: the next start settles it
                 async with self._slots:
                     try:
                         # asyncio.timeout, not wait_for: wait_for (3.11) runs the turn in a task of its own
@@ -203,18 +208,38 @@ class Conversations:
                 self._queues.pop(phone, None)
             self._workers.pop(phone, None)
 
-    async def _settle(self, phone: str) -> None:
-        """After a start: wait, holding no slot, until a status says the unsure part reached WhatsApp (`confirm`
-        recorded it) or `resend_wait` passes (it is sent again)."""
+    def _inherited(self, phone: str) -> str | None:
+        """The id of the phone's pending reply if an earlier run recorded it and its unsure part is not settled."""
+        if not self._tags or phone not in self.store:
+            return None
+        pending = self.store.view(phone).get(sessions.META, {}).get("pending")
+        if not pending or not pending.get("id") or pending.get("run") == self._run or pending["id"] in self._settled:
+            return None
+        return str(pending["id"])
+
+    async def _settle(self, phone: str, reply_id: str) -> bool:
+        """Wait, holding no slot, until a status says the unsure part reached WhatsApp (`confirm` recorded it) or
+        `resend_wait` passes (it is sent again) — a wait that starts again if it ends while the store refuses
+        records (statuses get 503 then, and Meta redelivers them). False if the daemon is stopping meanwhile."""
+        event = self._unsure.setdefault(phone, asyncio.Event())
+        outcome = "confirmed"
         try:
-            async with asyncio.timeout(self.resend_wait):
-                await self._unsure[phone].wait()
-            outcome = "confirmed"
-        except TimeoutError:
-            outcome = "unconfirmed"
-        del self._unsure[phone]
+            while not event.is_set():
+                try:
+                    async with asyncio.timeout(self.resend_wait):
+                        await event.wait()
+                except TimeoutError:
+                    if self._closing:
+                        return False
+                    if not self.store.degraded:
+                        outcome = "unconfirmed"
+                        break
+        finally:
+            self._unsure.pop(phone, None)
+        self._settled.add(reply_id)
         self.metrics.unsure_parts.labels(outcome).inc()
         log.info("reply_part_unsure", phone=phone, outcome=outcome)
+        return True
 
     def confirm(self, phone: str, tag: str) -> bool:
         """A status (sent, delivered, read) of a message we sent with `tag`: if its part is not recorded as sent
@@ -230,8 +255,10 @@ class Conversations:
             return False  # another reply's, or recorded already
         last = index + 1 == len(pending["parts"])
         self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": index + 1})
-        if phone in self._unsure:
-            self._unsure[phone].set()
+        if pending.get("run") != self._run:  # an earlier run's: this was its one unsure part (module docstring)
+            self._settled.add(reply_id)
+            if phone in self._unsure:
+                self._unsure[phone].set()
         return True
 
     async def _durable(self, lsn: int) -> bool:
@@ -298,7 +325,12 @@ class Conversations:
         meta: dict[str, Any] = {
             "photos": photos.sent or None,
             "last_album": photos.last_album,
-            "pending": {"parts": [p.to_json() for p in parts], "reply_to": reply_to, "id": secrets.token_hex(6)},
+            "pending": {
+                "parts": [p.to_json() for p in parts],
+                "reply_to": reply_to,
+                "id": secrets.token_hex(6),  # its parts' tags (part_tag)
+                "run": self._run,
+            },
             "sent_parts": None,
         }
         # Messages that arrived while the reply was being made were not read by the assistant: the reply goes
@@ -331,15 +363,20 @@ class Conversations:
         await self.store.wait_durable(self.store.lsn if recorded is None else recorded)
         if not self._in_window(session):
             self.metrics.window_closed.inc()
+            self._sent_upto.pop(phone, None)
             self.store.set_meta(phone, {"pending": None, "sent_parts": None})
             log.info("reply_dropped", phone=phone, reason="24-hour window closed")
             return
         parts = [Outgoing.from_json(p) for p in pending["parts"]]
-        reply_id = pending.get("id") if self._tags else None  # replies recorded before tags had none
-        for i in range(max(done, self._sent_upto.get(phone, 0)), len(parts)):
+        reply_id: str | None = pending.get("id")  # replies recorded before tags had none
+        taken = self._sent_upto.get(phone)
+        first = max(done, taken[1] if taken is not None and taken[0] == reply_id else 0)
+        if first >= len(parts):  # WhatsApp took every part, the store could not record the last: record it now
+            await self.store.wait_durable(self.store.set_meta(phone, {"pending": None, "sent_parts": None}) or 0)
+        for i in range(first, len(parts)):
             reply_to = pending.get("reply_to") if i == 0 else None
             try:
-                if reply_id is None:
+                if reply_id is None or not self._tags:
                     await self.outbox.send(phone, parts[i], reply_to)
                 else:
                     await self.outbox.send(phone, parts[i], reply_to, tag=part_tag(reply_id, i))
@@ -355,21 +392,18 @@ class Conversations:
                     log.warning("reply_deferred", phone=phone, reason=exc.kind, code=exc.code, parts_left=len(parts) - i)
                 return
             last = i + 1 == len(parts)
-            self._sent_upto[phone] = i + 1  # until the record below is taken (it raises while the store is degraded)
+            self._sent_upto[phone] = (reply_id, i + 1)  # until the record below is taken (it raises while degraded)
             sent = self.store.set_meta(phone, {"pending": None, "sent_parts": None} if last else {"sent_parts": i + 1})
-            if sent is not None and last:  # the reply is done (and counted) once that is durable
+            if sent is not None:  # durable before the next part goes: a crash leaves at most one part unsure
                 await self.store.wait_durable(sent)
-            elif sent is not None:  # made durable at once, without a waiter: a crash repeats this part for one fsync
-                self.store.flush_soon()
         self._sent_upto.pop(phone, None)
         self.metrics.reply("sent")
 
     # ---- start and stop ----
 
-    async def resume(self, slice_ms: float = 5.0, start: bool = True) -> int:
+    async def resume(self, slice_ms: float = 5.0) -> int:
         """After a start: finish pending replies and answer unanswered messages inside the 24-hour window.
-        Sessions are read in slices between which the loop serves webhooks; returns how many were queued.
-        `start`: pending replies' next parts are unsure (the process before may have died sending them)."""
+        Sessions are read in slices between which the loop serves webhooks; returns how many were queued."""
         horizon = self.clock() - WINDOW_MS
         queued = 0
         t0 = time.perf_counter()
@@ -382,11 +416,7 @@ class Conversations:
             session = self.store.get(phone)  # a copy: a view would keep every session decoded (4x memory)
             if session["lastActivity"] < horizon:
                 continue
-            pending = session.get(sessions.META, {}).get("pending")
-            if start and pending and pending.get("id") and self._tags:
-                # its next part may have reached WhatsApp just before the crash: wait for a status first (_settle)
-                self._unsure[phone] = asyncio.Event()
-            if pending or pending_user_text(session):
+            if session.get(sessions.META, {}).get("pending") or pending_user_text(session):
                 self.submit(phone, None, 0)
                 self.metrics.resumed.inc()
                 queued += 1

@@ -16,8 +16,9 @@ until `release()` (to kill a daemon while its send is in flight). `Reply.drop()`
 answering. Error bodies follow Meta's shape: {"error": {"message", "type", "code", "error_subcode"?, "fbtrace_id"}}.
 
 `statuses_to(url, app_secret)` makes it Meta's webhook side too: each message accepted with a
-biz_opaque_callback_data gets a signed "sent" status POSTed to `url`, retried (as Meta does) until answered 200 —
-also across a daemon's restart on another `url`.
+biz_opaque_callback_data gets signed "sent" and "delivered" statuses POSTed to `url` (several in one webhook when
+they queue up), retried until answered 200 — also across a daemon's restart on another `url`. Meta retries too, with
+a backoff it does not document, so its statuses can come later than these.
 
 Run as a process (``python -m tests.fake_graph --record FILE [--app-secret S]``) for a test that must not share its
 own CPU with it (tests/test_chaos.py): it prints ``{"port": N}``, appends every message it accepts to FILE as a JSON
@@ -188,7 +189,7 @@ class FakeGraph:
             self._scripted.extend(r if isinstance(r, Reply) else Reply(*r) for r in replies)
 
     def statuses_to(self, url: str | None, app_secret: str = "") -> None:
-        """POST a "sent" status of each tagged message accepted from now on (and of those still queued) to `url`."""
+        """POST the statuses of each tagged message accepted from now on (and those still queued) to `url`."""
         self._app_secret = app_secret.encode() or self._app_secret
         self._status_url = url
 
@@ -301,7 +302,8 @@ class FakeGraph:
             tag = body.get(whatsapp.CALLBACK_DATA)
             if request.accepted and isinstance(tag, str) and self._statuses is not None and self._status_url is not None:
                 wamid = str((reply.body or {}).get("messages", [{}])[0].get("id")) if isinstance(reply.body, dict) else ""
-                self._statuses.put_nowait((wamid, str(body.get("to")), "sent", tag))
+                for status in ("sent", "delivered"):  # (and "read", later, when the customer opens it)
+                    self._statuses.put_nowait((wamid, str(body.get("to")), status, tag))
             if self.record is not None:
                 self.requests.remove(request)  # a long run: kept in the file only
                 if request.accepted and not request.is_read:

@@ -494,3 +494,78 @@ def test_statuses_in_any_order_record_every_part_up_to_theirs(store: Store) -> N
     assert conv.confirm(PHONE, part_tag("ab", 2)) and store.meta(PHONE)["sent_parts"] == 3
     assert not conv.confirm(PHONE, part_tag("ab", 1)) and not conv.confirm(PHONE, part_tag("ab", 4))
     assert conv.confirm(PHONE, part_tag("ab", 3)) and store.meta(PHONE) == {}
+
+
+def test_a_message_before_resume_still_waits_for_the_unsure_part(state_dir: str, master: object) -> None:
+    """An earlier run's reply had 1 of 4 parts recorded when it died; the customer writes again before resume()
+    reaches the conversation. Its turn still waits for the status of part 1 first (it came: parts 2-3 only), then
+    answers the new message."""
+
+    async def go() -> None:
+        store = Store.open(state_dir, master)  # type: ignore[arg-type]
+        now = store.clock()
+        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
+        store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
+        pending = {"pending": {"parts": [p.to_json() for p in parts], "id": "0ld0", "run": "earlier"}, "sent_parts": 1}
+        store.add_message(PHONE, "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
+        store.flush()
+        outbox = Tagging()
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox, resend_wait=10.0)
+        accept(store, conv, PHONE, "¿hola?", 1)  # no resume() yet
+        await asyncio.sleep(0.2)
+        assert outbox.sent == []  # waiting for the status
+        assert conv.confirm(PHONE, part_tag("0ld0", 1))
+        await settle(conv)
+        assert [p for _, p, _ in outbox.sent][:2] == parts[2:] and len(outbox.texts()) == 1  # then the new reply
+        await conv.close(1)
+        await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_last_part_confirmed_while_its_send_failed_leaves_the_next_reply_whole(store: Store) -> None:
+    """WhatsApp took the last photo and said so, but the send failed for now (its answer lost): the reply is done,
+    and the next one is sent whole (nothing of the earlier reply's progress is applied to it)."""
+
+    async def go() -> None:
+        outbox = Tagging(status_during=3)
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        outbox.conv = conv
+        accept(store, conv, PHONE, "Quiero fotos de salado", 0)
+        await settle(conv)
+        assert store.meta(PHONE).get("pending") is None and len(outbox.sent) == 3  # the text and 2 photos answered
+        accept(store, conv, PHONE, "Hola", 1)
+        await settle(conv)
+        assert len(outbox.texts()) == 2 and outbox.tags[-1] is not None and outbox.tags[-1].endswith(".0")
+
+    asyncio.run(go())
+
+
+def test_a_last_part_sent_just_before_the_store_degrades_is_recorded_not_sent_again(store: Store) -> None:
+    """WhatsApp takes the last photo, then the store cannot record it: after recovery the reply is marked done
+    without sending that photo again, and the next message is answered."""
+
+    async def go() -> None:
+        class Degrading(Recorder):
+            async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
+                sent = await super().send(to, part, reply_to)
+                if len(self.sent) == 4:
+                    store._degrade("test: the disk failed right after WhatsApp took the last photo")
+                return sent
+
+        outbox = Degrading()
+        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+        accept(store, conv, PHONE, "Quiero fotos de salado", 0)
+        for _ in range(200):
+            if store.degraded:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await store.snapshot_async(full=True)  # recovery
+        await settle(conv)
+        assert len(outbox.sent) == 4 and store.meta(PHONE).get("pending") is None
+        accept(store, conv, PHONE, "Hola", 1)
+        await settle(conv)
+        assert len(outbox.sent) == 5 and store.meta(PHONE).get("pending") is None
+
+    asyncio.run(go())

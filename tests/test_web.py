@@ -373,6 +373,30 @@ def test_a_status_of_our_part_is_acknowledged_only_once_durable(
     run(go())
 
 
+def test_a_sent_status_records_our_part_and_a_failed_one_does_not(state_dir: str, master: MasterKey) -> None:
+    """A reply of 2 parts, none recorded as sent: a "failed" status of part 0 records nothing (WhatsApp did not
+    deliver it: it must still be sent); a "delivered" one records it; a "read" one of part 1 finishes the reply."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            parts = [{"text": "uno"}, {"text": "dos"}]
+            srv.store.add_message("34600000009", "user", "hola", srv.store.clock(), message_id="wamid.Q")
+            meta = {"pending": {"parts": parts, "id": "ab12"}}
+            srv.store.add_message("34600000009", "assistant", "uno", srv.store.clock(), meta=meta)
+
+            def status(kind: str, index: int) -> bytes:
+                return whatsapp.status_webhook([(f"wamid.O{index}", "34600000009", kind, f"natalia-secure:ab12.{index}")])
+
+            assert (await srv.post(status("failed", 0))).code == 200
+            assert srv.store.meta("34600000009") == meta
+            assert (await srv.post(status("delivered", 0))).code == 200
+            assert srv.store.meta("34600000009")["sent_parts"] == 1
+            assert (await srv.post(status("read", 1))).code == 200
+            assert srv.store.meta("34600000009") == {} and srv.store._journal.durable_lsn == srv.store.lsn  # 200 once durable
+
+    run(go())
+
+
 def test_payloads_of_other_kinds_are_acknowledged_and_ignored(state_dir: str, master: MasterKey) -> None:
     """Another object or field, correctly signed: 200 and nothing recorded."""
 
