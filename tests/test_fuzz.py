@@ -1057,7 +1057,7 @@ def fuzz_server(tmp_path: Any, state_dir: str, master: MasterKey, master_key_fil
             assert len(found) == 1, f"FUZZ_SEED={seed}: an acknowledged message is stored {len(found)} times"
     total = sum(outcomes.values())
     print(f"server: {total} requests, answers {dict(outcomes)}, kinds {dict(kinds)}, unanswered {dict(unanswered)}")
-    closed = ", ".join(f"{n} {kind}" for kind, n in unanswered.most_common())
+    closed = ", ".join(f"{n:,} {kind}" for kind, n in unanswered.most_common())
     figures.record(
         "Fuzz",
         "a real daemon over raw sockets: valid, redelivered, mutated and random bodies, signed and not; wrong, "
