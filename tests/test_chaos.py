@@ -765,7 +765,7 @@ def run_crash_trials(tmp_path: Any, forks: DaemonForks, key_file: str, master: M
 
 
 def record_crash(figures: Recorder, tally: Tally, trials: int, scanned: int) -> None:
-    phases = ", ".join(f"{n} {p}" for p, n in sorted(tally.phases.items(), key=lambda x: -x[1]))
+    phases = ", ".join(f"{n:,} {p}" for p, n in sorted(tally.phases.items(), key=lambda x: -x[1]))
     figures.record(
         "Crash",
         "SIGKILL of the daemon (`serve`) under signed webhook load at random instants: starting, acknowledging, "

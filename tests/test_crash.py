@@ -174,7 +174,7 @@ def run_trials(tmp_path: Any, server: ForkServer, master_key_file: str, master: 
 
 
 def record(figures: Recorder, summary: dict[str, Any]) -> None:
-    phases = ", ".join(f"{n} {p}" for p, n in sorted(summary["phases"].items(), key=lambda x: -x[1]))
+    phases = ", ".join(f"{n:,} {p}" for p, n in sorted(summary["phases"].items(), key=lambda x: -x[1]))
     figures.record(
         "Crash",
         "SIGKILL of a store writer at random instants (opening, appending, fsyncing, snapshotting, backing up)",

@@ -601,7 +601,7 @@ def check(
         if isinstance(fault, IoErrors):  # the EIOs reached the daemon's system calls, not only its reading of them
             failed = fault.failed()
             assert failed.get("write", 0) + failed.get("fsync", 0) + failed.get("create", 0) >= cycles, failed
-            extra = "; EIO answered to " + ", ".join(f"{n} {op}" for op, n in sorted(failed.items()))
+            extra = "; EIO answered to " + ", ".join(f"{n:,} {op}" for op, n in sorted(failed.items()))
         record(figures, fault, out, extra)
 
 

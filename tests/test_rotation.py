@@ -407,7 +407,7 @@ def kill_trials(tmp_path: Any, prepared: str, master: MasterKey, key_file: str, 
 
 
 def record(figures: Recorder, summary: dict[str, Any], daemon_kills: int) -> None:
-    phases = ", ".join(f"{n} {p}" for p, n in sorted(summary["phases"].items(), key=lambda x: -x[1]))
+    phases = ", ".join(f"{n:,} {p}" for p, n in sorted(summary["phases"].items(), key=lambda x: -x[1]))
     figures.record(
         "Crash",
         "SIGKILL during `keys rotate --retire-old` (the command; the daemon running it)",
