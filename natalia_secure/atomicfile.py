@@ -23,6 +23,7 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\Z")  # what create_temp makes: secrets.token_hex(6)
+LEFT_BEHIND: set[str] = set()  # temps of failed writes the file system would not let us remove (remove_left_behind)
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -110,7 +111,25 @@ def write_atomic(
             os.unlink(temp)
         except FileNotFoundError:
             pass
+        except OSError:  # the file system refuses even this (EIO, EROFS, EACCES): removed once it takes writes again
+            LEFT_BEHIND.add(temp)
         raise
+
+
+def remove_left_behind() -> list[str]:
+    """Remove the temps this process's failed writes could not remove at the time (`LEFT_BEHIND`); those it still
+    cannot stay listed. Returns the paths removed. (A crash's temps are removed at the next open instead.)"""
+    removed = []
+    for path in sorted(LEFT_BEHIND):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        LEFT_BEHIND.discard(path)
+        removed.append(path)
+    return removed
 
 
 def open_regular(path: str) -> BinaryIO:

@@ -675,6 +675,7 @@ class Store:
             assert self._journal is not None
             self._journal.durable_lsn = max(self._journal.durable_lsn, plan.meta["lsn"])
             self.degraded = None
+            atomicfile.remove_left_behind()  # temps the fault kept us from removing: nothing of it stays
         self.last_snapshot_ms = self.clock()
 
     def _remove_obsolete(self, base_generation: int, first_segment: int) -> None:

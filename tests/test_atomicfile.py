@@ -466,3 +466,26 @@ def test_read_small_checks_the_opened_file_and_reads_at_most_one_byte_past_the_l
         atomicfile.read_small(str(fifo), 10, regular_only)
     with pytest.raises(FileNotFoundError):
         atomicfile.read_small(str(tmp_path / "absent"), 10, regular_only)
+
+
+def test_a_temp_the_file_system_would_not_remove_is_removed_once_it_can(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The fsync fails (EIO) and so does the unlink of the temp: the temp is listed in LEFT_BEHIND, and
+    remove_left_behind() removes it once unlink works again (the store calls it when it recovers)."""
+    real_unlink = os.unlink
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def failing_unlink(path: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "unlink", failing_unlink)
+    with pytest.raises(OSError):
+        atomicfile.write_atomic(str(tmp_path / "f"), [b"data"])
+    (temp,) = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert str(tmp_path / temp) in atomicfile.LEFT_BEHIND
+    assert atomicfile.remove_left_behind() == []  # still refused
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert atomicfile.remove_left_behind() == [str(tmp_path / temp)]
+    assert os.listdir(tmp_path) == [] and str(tmp_path / temp) not in atomicfile.LEFT_BEHIND
