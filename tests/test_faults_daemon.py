@@ -414,6 +414,7 @@ class Cycle:
     files: dict[str, list[str]]  # compare(): what became of the files from before the fault
     bytes_kept: int  # their size
     recovered_s: float  # from the fault clearing to /healthz 200
+    temps: int  # temps of failed writes the fault would not let the daemon remove (gone after the recovery)
 
 
 @dataclass
@@ -489,7 +490,8 @@ def one_cycle(fault: Fault, d: DaemonProcess, load: Load, where: str) -> Cycle:
     d.until(lambda: any(t > recovered for t, _ in d.notify.fields("WATCHDOG")), timeout=WAIT_S)
     load.wait_for(200, 10, after=recovered)
     kept = fates["identical"] + fates["grown"]
-    return Cycle(len(refused), cleared - degraded, fates, sum(len(before[n]) for n in kept), recovered - cleared)
+    temps = sum(n.endswith(".tmp") for n in during)
+    return Cycle(len(refused), cleared - degraded, fates, sum(len(before[n]) for n in kept), recovered - cleared, temps)
 
 
 def retry(d: DaemonProcess, posts: list[Post]) -> None:
@@ -557,6 +559,8 @@ def record(figures: Recorder, fault: Fault, out: Outcome, extra: str = "") -> No
     kept = sum(len(c.files["identical"]) + len(c.files["grown"]) for c in cycles)
     grown = sum(len(c.files["grown"]) for c in cycles)
     recovery = max(c.recovered_s for c in cycles)
+    left = sum(c.temps for c in cycles)
+    temps = f"{left} temp(s) of failed writes it could not unlink, removed at the recovery" if left else "0 temps"
     identical = (
         f"byte-identical but {grown} open journal segment(s), grown by records written before" if grown else "byte-identical"
     )
@@ -569,7 +573,7 @@ def record(figures: Recorder, fault: Fault, out: Outcome, extra: str = "") -> No
         f"STATUS= DEGRADED, natalia_store_degraded 1, 0 WATCHDOG=1; {kept} files from before "
         f"{'each fault (counted per fault)' if n > 1 else 'the fault'}, {sum(c.bytes_kept for c in cycles):,} bytes, intact "
         f"({identical}), unchanged "
-        f"while degraded, 0 temps{extra}; recovered by itself within {recovery:.0f} s of the fault clearing (the retry "
+        f"while degraded, {temps}{extra}; recovered by itself within {recovery:.0f} s of the fault clearing (the retry "
         f"period is 10 s); {out.retried:,} 503s retried and acknowledged; after SIGTERM and restart "
         f"{out.acknowledged:,} acknowledged messages each present once, every file authenticates",
         "503 never 200, degraded in health/STATUS=/metrics, old files intact, self-recovery, 0 lost",
