@@ -675,7 +675,8 @@ class Store:
             assert self._journal is not None
             self._journal.durable_lsn = max(self._journal.durable_lsn, plan.meta["lsn"])
             self.degraded = None
-            atomicfile.remove_left_behind()  # temps the fault kept us from removing: nothing of it stays
+        if atomicfile.LEFT_BEHIND:  # temps a fault kept a write from removing: gone once writes work again
+            atomicfile.remove_left_behind()
         self.last_snapshot_ms = self.clock()
 
     def _remove_obsolete(self, base_generation: int, first_segment: int) -> None:
