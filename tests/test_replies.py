@@ -92,6 +92,20 @@ def sample(conv: Conversations, name: str, **labels: str) -> float:
     return conv.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+def interrupted_reply(store: Store, reply_id: str | None = None) -> list[Outgoing]:
+    """Record what a crash left of a 4-part reply to PHONE (text + 3 photos): 1 part recorded as sent; with
+    `reply_id`, recorded by an earlier run with tags. Returns the parts."""
+    now = store.clock()
+    parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
+    store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
+    pending: dict[str, object] = {"parts": [p.to_json() for p in parts], "reply_to": "w1"}
+    if reply_id is not None:
+        pending.update(id=reply_id, run="earlier")
+    meta = {"pending": pending, "sent_parts": 1}
+    store.add_message(PHONE, "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=meta)
+    return parts
+
+
 def test_turns_per_phone_in_order_and_phones_in_parallel_up_to_the_bound(store: Store) -> None:
     """Five messages each from six phones, concurrency 3: every message answered exactly once and in order (messages
     that arrive during a turn are answered together by the next), at most three turns at once and more than one."""
@@ -235,11 +249,8 @@ def test_resume_finishes_a_reply_cut_between_its_parts_and_answers_the_unanswere
 
     async def go() -> None:
         store = Store.open(state_dir, master)  # type: ignore[arg-type]
+        parts = interrupted_reply(store)
         now = store.clock()
-        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
-        store.add_message("34600000001", "user", "fotos de salado", now, message_id="w1")
-        pending = {"pending": {"parts": [p.to_json() for p in parts], "reply_to": "w1"}, "sent_parts": 1}
-        store.add_message("34600000001", "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
         store.add_message("34600000002", "user", "hola", now, message_id="w2")
         store.add_message("34600000003", "user", "hola", now, message_id="w3")
         store.add_message("34600000003", "assistant", "¡Hola!", now)
@@ -366,16 +377,17 @@ def test_a_reply_made_for_a_conversation_forgotten_meanwhile_is_discarded(store:
     asyncio.run(go())
 
 
-def test_a_part_sent_just_before_the_store_degrades_is_not_sent_again(store: Store) -> None:
-    """WhatsApp takes the text, then the store cannot record it: after recovery the reply is finished without
-    sending that text a second time."""
+@pytest.mark.parametrize("taken", [1, 4], ids=["the text", "the last photo"])
+def test_a_part_sent_just_before_the_store_degrades_is_not_sent_again(store: Store, taken: int) -> None:
+    """WhatsApp takes the text (or the last photo), then the store cannot record it: after recovery the reply is
+    finished without sending that part a second time, and the next message gets its own reply."""
 
     async def go() -> None:
         class Degrading(Recorder):
             async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
                 sent = await super().send(to, part, reply_to)
-                if len(self.sent) == 1:
-                    store._degrade("test: the disk failed right after WhatsApp took the text")
+                if len(self.sent) == taken:
+                    store._degrade("test: the disk failed right after WhatsApp took a part")
                 return sent
 
         outbox = Degrading()
@@ -391,6 +403,9 @@ def test_a_part_sent_just_before_the_store_degrades_is_not_sent_again(store: Sto
         texts = outbox.texts()
         images = [p for _, p, _ in outbox.sent if p.image is not None]
         assert len(texts) == 1 and len(images) == 3 and store.meta(PHONE).get("pending") is None
+        accept(store, conv, PHONE, "Hola", 1)
+        await settle(conv)
+        assert len(outbox.sent) == 5 and store.meta(PHONE).get("pending") is None
 
     asyncio.run(go())
 
@@ -452,12 +467,8 @@ def test_after_a_start_an_unsure_part_waits_for_its_status(state_dir: str, maste
 
     async def go() -> None:
         store = Store.open(state_dir, master)  # type: ignore[arg-type]
-        now = store.clock()
-        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
-        store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
-        pending = {"pending": {"parts": [p.to_json() for p in parts], "reply_to": "w1", "id": "c0ffee"}, "sent_parts": 1}
-        store.add_message(PHONE, "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
-        store.add_message("34600000002", "user", "hola", now, message_id="w2")
+        parts = interrupted_reply(store, "c0ffee")
+        store.add_message("34600000002", "user", "hola", store.clock(), message_id="w2")
         store.flush()
         outbox = Tagging()
         conv = conversations(store, OfflineNatalia(CATALOG), outbox, resend_wait=0.3 if not confirmed else 10.0)
@@ -503,11 +514,7 @@ def test_a_message_before_resume_still_waits_for_the_unsure_part(state_dir: str,
 
     async def go() -> None:
         store = Store.open(state_dir, master)  # type: ignore[arg-type]
-        now = store.clock()
-        parts = [Outgoing(text="aquí tienes")] + [Outgoing(image=i) for i in CATALOG.albums["salado"].images[:3]]
-        store.add_message(PHONE, "user", "fotos de salado", now, message_id="w1")
-        pending = {"pending": {"parts": [p.to_json() for p in parts], "id": "0ld0", "run": "earlier"}, "sent_parts": 1}
-        store.add_message(PHONE, "assistant", "aquí tienes\n[fotos enviadas: Salado 1-3]", now, meta=pending)
+        parts = interrupted_reply(store, "0ld0")
         store.flush()
         outbox = Tagging()
         conv = conversations(store, OfflineNatalia(CATALOG), outbox, resend_wait=10.0)
@@ -537,35 +544,5 @@ def test_a_last_part_confirmed_while_its_send_failed_leaves_the_next_reply_whole
         accept(store, conv, PHONE, "Hola", 1)
         await settle(conv)
         assert len(outbox.texts()) == 2 and outbox.tags[-1] is not None and outbox.tags[-1].endswith(".0")
-
-    asyncio.run(go())
-
-
-def test_a_last_part_sent_just_before_the_store_degrades_is_recorded_not_sent_again(store: Store) -> None:
-    """WhatsApp takes the last photo, then the store cannot record it: after recovery the reply is marked done
-    without sending that photo again, and the next message is answered."""
-
-    async def go() -> None:
-        class Degrading(Recorder):
-            async def send(self, to: str, part: Outgoing, reply_to: str | None = None) -> str:
-                sent = await super().send(to, part, reply_to)
-                if len(self.sent) == 4:
-                    store._degrade("test: the disk failed right after WhatsApp took the last photo")
-                return sent
-
-        outbox = Degrading()
-        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
-        accept(store, conv, PHONE, "Quiero fotos de salado", 0)
-        for _ in range(200):
-            if store.degraded:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        await store.snapshot_async(full=True)  # recovery
-        await settle(conv)
-        assert len(outbox.sent) == 4 and store.meta(PHONE).get("pending") is None
-        accept(store, conv, PHONE, "Hola", 1)
-        await settle(conv)
-        assert len(outbox.sent) == 5 and store.meta(PHONE).get("pending") is None
 
     asyncio.run(go())
