@@ -10,7 +10,7 @@ The reply state is in the journal, so a crash never loses a reply and repeats at
 (README, "Replies after a crash"):
     claimed   the user message and its wamid, one record (intake.py)
     intent    the assistant message (its readable record), the photo progress and the parts to send, one record,
-              made durable before anything is sent: `meta.pending = {parts, reply_to}`
+              made durable before anything is sent: `meta.pending = {parts, reply_to, id, run}`
     sent      after each part WhatsApp accepted, `meta.sent_parts` moves on; after the last, `pending` is removed
 At start (`resume`), every session within the 24-hour window whose reply is pending is finished, and every one
 whose newest message is from the customer is answered — once.
@@ -244,7 +244,8 @@ class Conversations:
     def confirm(self, phone: str, tag: str) -> bool:
         """A status (sent, delivered, read) of a message we sent with `tag`: if its part is not recorded as sent
         yet, record it (and those before it: parts go one after the other, each once the one before was taken), in
-        whatever order statuses come. True if a record was appended (the caller waits for it before its 200)."""
+        whatever order statuses come. True if a record was appended. (The intake answers the status only once
+        everything appended is durable, this record or the reply's own.)"""
         parsed = parse_tag(tag)
         if parsed is None or phone not in self.store:
             return False

@@ -55,17 +55,14 @@ def sign(app_secret: bytes, body: bytes) -> str:
 
 def text_webhook(messages: list[tuple[str, str, str, int]], phone_number_id: str = "100000000000001") -> bytes:
     """A webhook body as Meta shapes it, carrying text messages given as (wamid, sender wa_id, text, unix seconds)."""
-    value = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
-        "contacts": [{"profile": {"name": "Cliente"}, "wa_id": sender} for _, sender, _, _ in messages],
-        "messages": [
+    return _webhook(
+        phone_number_id,
+        contacts=[{"profile": {"name": "Cliente"}, "wa_id": sender} for _, sender, _, _ in messages],
+        messages=[
             {"from": sender, "id": wamid, "timestamp": str(ts), "type": "text", "text": {"body": text}}
             for wamid, sender, text, ts in messages
         ],
-    }
-    change = {"field": "messages", "value": value}
-    return orjson.dumps({"object": OBJECT, "entry": [{"id": "100000000000000", "changes": [change]}]})
+    )
 
 
 def status_webhook(statuses: list[tuple[str, str, str, str | None]], phone_number_id: str = "100000000000001") -> bytes:
@@ -77,10 +74,15 @@ def status_webhook(statuses: list[tuple[str, str, str, str | None]], phone_numbe
         if callback is not None:
             entry[CALLBACK_DATA] = callback
         entries.append(entry)
+    return _webhook(phone_number_id, statuses=entries)
+
+
+def _webhook(phone_number_id: str, **lists: list[dict[str, Any]]) -> bytes:
+    """One entry with one "messages" change whose value holds `lists` (contacts, messages, statuses)."""
     value = {
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
-        "statuses": entries,
+        **lists,
     }
     change = {"field": "messages", "value": value}
     return orjson.dumps({"object": OBJECT, "entry": [{"id": "100000000000000", "changes": [change]}]})
