@@ -198,7 +198,8 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         # Chunked bodies are cut at 4 MB by Tornado; our handler answers 413 from 3 MB on (web.py).
-        # Timeouts so a client cannot hold connections and buffers open: Meta sends a webhook in one go.
+        # Timeouts so a client cannot hold connections and buffers open: Meta sends a webhook in one go. (POST
+        # /webhook bodies have their own, cheaper, timeout: web.BodyTimeouts.)
         server = tornado.httpserver.HTTPServer(
             app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False, body_timeout=30, idle_connection_timeout=75
         )

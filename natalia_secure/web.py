@@ -12,6 +12,11 @@ It sees the body as it streams in, so a body over Meta's 3 MB limit is refused w
 Content-Length (or, chunked, its running size) says so, without buffering it (Tornado's own limit would answer
 400), and a POST without a well-formed signature is refused (401) before its body is read. Every error is JSON,
 never a traceback.
+
+A webhook's body must arrive within `body_timeout` (30 s; Meta sends one in one go), or its connection is closed: a
+client cannot hold a connection and a buffer open by trickling a body. Tornado's own body_timeout (kept for every
+other request) wraps each body read in a timeout future, ~45 us of a webhook's CPU (bench/webhook.py: 0.53x ->
+0.64x of the bare handler); here a sweep once a second looks at the bodies being read instead.
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ import orjson
 import structlog
 import tornado.routing
 import tornado.web
-from tornado import httputil
+from tornado import http1connection, httputil
 
 from . import logs, whatsapp
 from .intake import Intake
 from .metrics import Metrics
 
 log = structlog.get_logger("natalia_secure.web")
+BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
+SWEEP_S = 1.0
 _KNOWN = {s.value for s in HTTPStatus}
 
 
@@ -104,9 +111,10 @@ class WebhookPost(httputil.HTTPMessageDelegate):
     a RequestHandler). Tornado stops passing body chunks once an answer is written early, and closes the
     connection after it (the rest of the body is never read)."""
 
-    def __init__(self, deps: Deps, connection: httputil.HTTPConnection) -> None:
+    def __init__(self, deps: Deps, connection: httputil.HTTPConnection, bodies: BodyTimeouts) -> None:
         self.intake = deps.intake
         self.connection = connection
+        self.bodies = bodies
         self.started = time.perf_counter()
         self.signature: str | None = None
         self.chunks: list[bytes] = []
@@ -126,6 +134,8 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         # isascii: str.isdigit() also takes "²", which int() refuses (found by tests/test_fuzz.py)
         if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > whatsapp.MAX_BODY):
             self._too_large()
+            return
+        self.bodies.reading(self)
 
     def data_received(self, chunk: bytes) -> None:
         if self.status:
@@ -138,8 +148,12 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         self.chunks.append(chunk)
 
     def finish(self) -> None:
+        self.bodies.done(self)
         if not self.status:
             self.task = asyncio.ensure_future(self._accept())
+
+    def on_connection_close(self) -> None:
+        self.bodies.done(self)
 
     async def _accept(self) -> None:
         try:
@@ -172,14 +186,45 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)
 
 
+class BodyTimeouts:
+    """The webhook bodies being read, and since when; a sweep every SWEEP_S closes the connections of those older
+    than `timeout` (the module docstring: why not Tornado's body_timeout)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._since: dict[WebhookPost, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def reading(self, post: WebhookPost) -> None:
+        if isinstance(post.connection, http1connection.HTTP1Connection):
+            post.connection.set_body_timeout(None)  # type: ignore[arg-type]  # None: no per-read timeout future
+        loop = asyncio.get_running_loop()
+        self._since[post] = loop.time()
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._close_late)
+
+    def done(self, post: WebhookPost) -> None:
+        self._since.pop(post, None)
+
+    def _close_late(self) -> None:
+        loop = asyncio.get_running_loop()
+        late = [post for post, since in self._since.items() if loop.time() - since > self.timeout]
+        for post in late:
+            del self._since[post]
+            log.warning("webhook_rejected", reason=f"body not received within {self.timeout:g} s")
+            post.connection.close()  # type: ignore[attr-defined]  # HTTP1Connection: its stream
+        self._sweep = loop.call_later(SWEEP_S, self._close_late) if self._since else None
+
+
 class WebhookPosts(httputil.HTTPServerConnectionDelegate):
     """The Application's target for POST /webhook (a routing rule may name a connection delegate, tornado.routing)."""
 
-    def __init__(self, deps: Deps) -> None:
+    def __init__(self, deps: Deps, body_timeout: float = BODY_TIMEOUT_S) -> None:
         self.deps = deps
+        self.bodies = BodyTimeouts(body_timeout)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
-        return WebhookPost(self.deps, request_conn)
+        return WebhookPost(self.deps, request_conn, self.bodies)
 
 
 class PostTo(tornado.routing.Matcher):
@@ -211,9 +256,9 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(data)
 
 
-def make_app(deps: Deps) -> tornado.web.Application:
+def make_app(deps: Deps, body_timeout: float = BODY_TIMEOUT_S) -> tornado.web.Application:
     routes: list[tornado.routing.Rule | tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]] = [
-        tornado.routing.Rule(PostTo("/webhook"), WebhookPosts(deps)),
+        tornado.routing.Rule(PostTo("/webhook"), WebhookPosts(deps, body_timeout)),
         ("/webhook", WebhookHandler, {"deps": deps}),
         ("/healthz", HealthHandler, {"deps": deps}),
         ("/metrics", MetricsHandler, {"deps": deps}),

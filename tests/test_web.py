@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -96,14 +97,15 @@ def health_of(store: Store) -> Callable[[], Health]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    state_dir: str, master: MasterKey, *, intake_type: type[Intake] = Intake, **options: Any
+    state_dir: str, master: MasterKey, *, intake_type: type[Intake] = Intake, body_timeout: float = 30.0, **options: Any
 ) -> AsyncIterator[Server]:
     store = Store.open(state_dir, master, StoreOptions(chunk=4096, **options))
     metrics = Metrics()
     outbox = Recorder()
     conversations = Conversations(store, OfflineNatalia(CATALOG), outbox, metrics, CATALOG, concurrency=4)
     intake = intake_type(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
-    server = tornado.httpserver.HTTPServer(make_app(Deps(intake, metrics, health_of(store))), max_body_size=4 * 1024 * 1024)
+    app = make_app(Deps(intake, metrics, health_of(store)), body_timeout)
+    server = tornado.httpserver.HTTPServer(app, max_body_size=4 * 1024 * 1024)
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server.add_sockets(sockets)
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_body_size=16 * 1024 * 1024)
@@ -500,6 +502,28 @@ def test_an_unsigned_post_is_refused_before_its_body_is_read(state_dir: str, mas
             assert status.startswith(b"HTTP/1.1 401")
             writer.close()
             assert srv.metric("natalia_signature_failures_total") == 1
+
+    run(go())
+
+
+def test_a_webhook_body_that_does_not_arrive_in_time_closes_its_connection(state_dir: str, master: MasterKey) -> None:
+    """A signed POST whose body trickles (a client holding a connection and a buffer open): its connection is closed
+    once the body timeout passes, unanswered, nothing recorded; a whole webhook meanwhile is answered as ever."""
+
+    async def go() -> None:
+        async with serving(state_dir, master, body_timeout=0.5) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = one("wamid.SLOW")
+            head = f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{whatsapp.SIGNATURE_HEADER}: "
+            writer.write(head.encode() + whatsapp.sign(SECRET, body).encode() + b"\r\n\r\n" + body[:10])
+            await writer.drain()
+            started = time.monotonic()
+            assert (await srv.post(one("wamid.FAST"))).code == 200
+            assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed, no answer
+            assert 0.5 <= time.monotonic() - started < 3
+            assert srv.store.claim_lsn("wamid.SLOW") is None and srv.store.claim_lsn("wamid.FAST") is not None
+            writer.close()
 
     run(go())
 
