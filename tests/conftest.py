@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 
-from natalia_secure import keyring, masterkey
+from natalia_secure import keyring, logs, masterkey
 from natalia_secure.clock import iso_utc, now_ms
 from natalia_secure.masterkey import MasterKey
 from natalia_secure.store import Store, StoreOptions
 
+from .daemon_process import DaemonProcess
 from .figures import Figures, Recorder
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -128,3 +132,31 @@ def store(state_dir: str, master: MasterKey) -> Iterator[Store]:
     s = Store.open(state_dir, master, StoreOptions(chunk=4096))
     yield s
     s.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Every daemon a test starts (appended here) is killed at the end, whatever happened."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+@contextlib.contextmanager
+def configured_logs(level: str, pseudonym_key: bytes | None = None) -> Iterator[io.StringIO]:
+    """The daemon's real log chain (logs.configure, JSON) into a buffer; structlog, the root logger and the
+    pseudonym key restored after. Not capture_logs: module-level loggers are cached at their first use."""
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    out = io.StringIO()
+    logs.configure(fmt="json", level=level, stream=out, pseudonym_key=pseudonym_key)
+    try:
+        yield out
+    finally:
+        structlog.reset_defaults()
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(root_level)
+        logs.set_pseudonym_key(None)

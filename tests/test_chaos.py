@@ -63,7 +63,6 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -87,6 +86,7 @@ from natalia_secure.verify import Report, verify_state_dir
 
 from .daemon_process import SECRET, TOKEN
 from .figures import Recorder
+from .json_lines import JsonLines
 from .test_rotation import ProgressLines, command_env, phase_of
 
 CHAOS_DAEMON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chaos_daemon.py")
@@ -259,22 +259,12 @@ class DaemonForks:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, CHAOS_DAEMON], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        self._buffer = b""
+        self._lines = JsonLines(self.proc, READ_TIMEOUT)
         self.seen: dict[str, Any] = {}  # the last value of each key the server answered, for the current daemon
         self.live: int | None = None  # the daemon not yet reaped
 
     def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while b"\n" not in self._buffer:
-            readable, _, _ = select.select([self.proc.stdout], [], [], READ_TIMEOUT)
-            if not readable:
-                raise TimeoutError(f"the fork server said nothing for {READ_TIMEOUT} s")
-            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        answer: dict[str, Any] = json.loads(line)
+        answer = self._lines.read()
         self.seen.update(answer)
         return answer
 

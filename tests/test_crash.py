@@ -15,7 +15,6 @@ import collections
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from natalia_secure.verify import verify_state_dir
 
 from . import crash_writer
 from .figures import Recorder
+from .json_lines import JsonLines
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
 TRIALS = 200
@@ -49,22 +49,11 @@ class ForkServer:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, WRITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        self._buffer = b""
+        self._lines = JsonLines(self.proc, READ_TIMEOUT)
 
     def _read(self) -> dict[str, Any]:
         """The server's next line; a server silent for READ_TIMEOUT seconds fails the test instead of hanging it."""
-        assert self.proc.stdout is not None
-        while b"\n" not in self._buffer:
-            readable, _, _ = select.select([self.proc.stdout], [], [], READ_TIMEOUT)
-            if not readable:
-                raise TimeoutError(f"the fork server said nothing for {READ_TIMEOUT} s")
-            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        result: dict[str, Any] = json.loads(line)
-        return result
+        return self._lines.read()
 
     def trial(self, state_dir: str, key: str, seed: int, mode: str, delay: float, early: bool) -> dict[str, Any]:
         """Fork a writer and SIGKILL it `delay` seconds after the fork (early: it may still be opening the store) or

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,14 +25,6 @@ from .test_faults import namespaces_unavailable
 
 PHONES = [f"3460{i:07d}" for i in range(1, 6)]
 
-
-@pytest.fixture
-def daemons(tmp_path) -> Iterator[list[DaemonProcess]]:  # type: ignore[no-untyped-def]
-    """Every daemon a test starts is killed at the end, whatever happened."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def start(daemons: list[DaemonProcess], tmp_path, state_dir: str, key: str, **kw) -> DaemonProcess:  # type: ignore[no-untyped-def]

@@ -427,13 +427,6 @@ class Outcome:
     seed: int
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
-
 
 @contextlib.contextmanager
 def fault_of(kind: Callable[[str, str], Fault], tmp_path: Any, state_dir: str) -> Iterator[Fault]:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from natalia_secure import logs
@@ -20,6 +18,7 @@ from natalia_secure.errors import SendError
 from natalia_secure.graph import GraphClient, classify, code_label, message_body, retry_after
 from natalia_secure.metrics import Metrics
 
+from .conftest import configured_logs
 from .fake_graph import FakeGraph, Reply, closed_port, graph_error
 
 PNID = "100000000000001"  # a made-up phone number id
@@ -376,18 +375,9 @@ def test_a_190_on_a_read_receipt_also_marks_the_token_invalid(graph: FakeGraph) 
 
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
-    """The daemon's real log chain (logs.configure) into a buffer; structlog and the root logger restored after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    out = io.StringIO()
-    logs.configure(fmt="json", level="debug", stream=out, pseudonym_key=KEY)
-    yield out
-    structlog.reset_defaults()
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logs.set_pseudonym_key(None)
+    """The daemon's real log chain at debug, with a pseudonym key, into a buffer; restored after."""
+    with configured_logs("debug", pseudonym_key=KEY) as out:
+        yield out
 
 
 def test_failure_lines_carry_code_status_kind_and_attempt(graph: FakeGraph) -> None:

@@ -431,6 +431,14 @@ class Tagging(Recorder):
         return await super().send(to, part, reply_to)
 
 
+def status_during_send(store: Store, part: int) -> tuple[Tagging, Conversations]:
+    """Conversations whose outbox gets part `part`'s status (confirmed) before its send fails for now."""
+    outbox = Tagging(status_during=part)
+    conv = conversations(store, OfflineNatalia(CATALOG), outbox)
+    outbox.conv = conv
+    return outbox, conv
+
+
 def test_tags_are_ours_or_nothing() -> None:
     assert parse_tag(part_tag("0a1b2c", 3)) == ("0a1b2c", 3)
     for other in ("", "natalia-secure:", "natalia-secure:abc.", "natalia-secure:.1", "natalia-secure:ab.\uff11", "campaign:7.1"):
@@ -442,9 +450,7 @@ def test_a_status_that_comes_before_the_send_returns_records_the_part(store: Sto
     acceptance): the text is recorded as sent, so the retry at the next message sends only the photos."""
 
     async def go() -> None:
-        outbox = Tagging(status_during=0)
-        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
-        outbox.conv = conv
+        outbox, conv = status_during_send(store, 0)
         accept(store, conv, PHONE, "Quiero fotos de salado", 0)
         await settle(conv)
         assert outbox.sent == [] and store.meta(PHONE)["sent_parts"] == 1  # kept for later, its text recorded
@@ -535,9 +541,7 @@ def test_a_last_part_confirmed_while_its_send_failed_leaves_the_next_reply_whole
     and the next one is sent whole (nothing of the earlier reply's progress is applied to it)."""
 
     async def go() -> None:
-        outbox = Tagging(status_during=3)
-        conv = conversations(store, OfflineNatalia(CATALOG), outbox)
-        outbox.conv = conv
+        outbox, conv = status_during_send(store, 3)
         accept(store, conv, PHONE, "Quiero fotos de salado", 0)
         await settle(conv)
         assert store.meta(PHONE).get("pending") is None and len(outbox.sent) == 3  # the text and 2 photos answered

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -237,14 +237,6 @@ def stratified(rng: random.Random, n: int) -> list[float]:
 def prepared(tmp_path: Any, master: MasterKey) -> str:
     return prepare(str(tmp_path / "prepared"), master)
 
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Every daemon a test starts is killed at the end, whatever happened."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 # ---- rotations under load ----

@@ -9,7 +9,6 @@ import email.utils
 import errno
 import io
 import json
-import logging
 import os
 import socket
 import time
@@ -18,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-import structlog
 import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 
-from natalia_secure import logs, whatsapp
+from natalia_secure import whatsapp
 from natalia_secure.assistant import Outgoing
 from natalia_secure.catalog import load as load_catalog
 from natalia_secure.intake import Intake, WebhookSecrets
@@ -33,6 +31,8 @@ from natalia_secure.natalia import OfflineNatalia
 from natalia_secure.replies import Conversations
 from natalia_secure.store import Store, StoreOptions
 from natalia_secure.web import Deps, Health, http_date, make_app
+
+from .conftest import configured_logs
 
 CATALOG = load_catalog(None)
 SECRET = b"test-app-secret"
@@ -569,18 +569,9 @@ def test_http_date_is_the_imf_fixdate_of_the_second() -> None:
 
 @pytest.fixture
 def log_out() -> Iterator[io.StringIO]:
-    """The daemon's logging (logs.configure, JSON at info) into a buffer, undone afterwards. Not capture_logs:
-    module-level loggers are cached at their first use (logs.configure) and would not see it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    out = io.StringIO()
-    logs.configure(fmt="json", level="info", stream=out)
-    yield out
-    structlog.reset_defaults()
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    """The daemon's logging (JSON at info) into a buffer, undone afterwards."""
+    with configured_logs("info") as out:
+        yield out
 
 
 def events(out: io.StringIO, name: str) -> list[dict[str, Any]]:
