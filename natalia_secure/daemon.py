@@ -35,7 +35,7 @@ import structlog
 import tornado.httpserver
 import tornado.netutil
 
-from . import admin, backups, catalog, config, logs, masterkey
+from . import admin, backups, catalog, config, logs, masterkey, web
 from .assistant import Assistant
 from .control import ControlServer, Handler
 from .errors import ConfigError, NataliaError
@@ -191,17 +191,17 @@ class Daemon:
         logs.set_pseudonym_key(master.derive(PSEUDONYM_PURPOSE))
         return store
 
-    def _listen(self, app: tornado.web.Application) -> tornado.httpserver.HTTPServer:
+    def _listen(self, app: tornado.web.Application) -> web.HTTPServer:
         host, port = self.cfg.listen
         try:
             sockets = tornado.netutil.bind_sockets(port, host, family=socket.AF_UNSPEC)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         # Chunked bodies are cut at 4 MB by Tornado; our handler answers 413 from 3 MB on (web.py).
-        # Timeouts so a client cannot hold connections and buffers open: Meta sends a webhook in one go. (POST
-        # /webhook bodies have their own, cheaper, timeout: web.BodyTimeouts.)
-        server = tornado.httpserver.HTTPServer(
-            app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False, body_timeout=30, idle_connection_timeout=75
+        # Timeouts so a client cannot hold connections and buffers open: Meta sends a webhook in one go (web.py:
+        # a connection's idle timeout and a webhook body's are swept deadlines, other bodies keep Tornado's).
+        server = web.HTTPServer(
+            app, max_body_size=MAX_BODY + 1024 * 1024, xheaders=False, body_timeout=30, idle_timeout=web.IDLE_TIMEOUT_S
         )
         server.add_sockets(sockets)
         bound = sockets[0].getsockname()

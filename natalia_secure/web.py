@@ -13,10 +13,12 @@ Content-Length (or, chunked, its running size) says so, without buffering it (To
 400), and a POST without a well-formed signature is refused (401) before its body is read. Every error is JSON,
 never a traceback.
 
-A webhook's body must arrive within `body_timeout` (30 s; Meta sends one in one go), or its connection is closed: a
-client cannot hold a connection and a buffer open by trickling a body. Tornado's own body_timeout (kept for every
-other request) wraps each body read in a timeout future, ~45 us of a webhook's CPU (bench/webhook.py: 0.53x ->
-0.64x of the bare handler); here a sweep once a second looks at the bodies being read instead.
+Timeouts, so a client cannot hold connections and buffers open: a webhook's body must arrive within `body_timeout`
+(30 s; Meta sends one in one go), and a connection's next request must have come and been answered within
+`idle_timeout` (75 s) of the previous one, or the connection is closed. Tornado has both (body_timeout,
+idle_connection_timeout), but wraps every header and body read in a timeout future: ~45 us and ~25 us of a webhook's
+~260 us of CPU at saturation (bench/README.md). Here they are deadlines in a dict that one sweep a second looks at
+(`Deadlines`); Tornado's body_timeout stays for the bodies of other requests (POST /webhook turns it off for itself).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
+import tornado.httpserver
 import tornado.routing
 import tornado.web
 from tornado import http1connection, httputil
@@ -42,7 +45,8 @@ from .metrics import Metrics
 
 log = structlog.get_logger("natalia_secure.web")
 BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
-SWEEP_S = 1.0
+IDLE_TIMEOUT_S = 75.0  # a connection whose next request has not come (or not been answered) by then is closed
+SWEEP_S = 1.0  # how often deadlines are looked at: a timeout fires within SWEEP_S of its time
 _KNOWN = {s.value for s in HTTPStatus}
 
 
@@ -111,10 +115,11 @@ class WebhookPost(httputil.HTTPMessageDelegate):
     a RequestHandler). Tornado stops passing body chunks once an answer is written early, and closes the
     connection after it (the rest of the body is never read)."""
 
-    def __init__(self, deps: Deps, connection: httputil.HTTPConnection, bodies: BodyTimeouts) -> None:
+    def __init__(self, deps: Deps, connection: httputil.HTTPConnection, bodies: Deadlines, body_timeout: float) -> None:
         self.intake = deps.intake
         self.connection = connection
         self.bodies = bodies
+        self.body_timeout = body_timeout
         self.started = time.perf_counter()
         self.signature: str | None = None
         self.chunks: list[bytes] = []
@@ -135,7 +140,9 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > whatsapp.MAX_BODY):
             self._too_large()
             return
-        self.bodies.reading(self)
+        if isinstance(self.connection, http1connection.HTTP1Connection):
+            self.connection.set_body_timeout(None)  # type: ignore[arg-type]  # no timeout future per body read
+        self.bodies.set(self, self.body_timeout, self._too_slow)
 
     def data_received(self, chunk: bytes) -> None:
         if self.status:
@@ -148,12 +155,16 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         self.chunks.append(chunk)
 
     def finish(self) -> None:
-        self.bodies.done(self)
+        self.bodies.clear(self)
         if not self.status:
             self.task = asyncio.ensure_future(self._accept())
 
     def on_connection_close(self) -> None:
-        self.bodies.done(self)
+        self.bodies.clear(self)
+
+    def _too_slow(self) -> None:
+        log.warning("webhook_rejected", reason=f"body not received within {self.body_timeout:g} s")
+        self.connection.close()  # type: ignore[attr-defined]  # HTTP1Connection: its stream
 
     async def _accept(self) -> None:
         try:
@@ -186,34 +197,54 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)
 
 
-class BodyTimeouts:
-    """The webhook bodies being read, and since when; a sweep every SWEEP_S closes the connections of those older
-    than `timeout` (the module docstring: why not Tornado's body_timeout)."""
+class Deadlines:
+    """Connections to close unless something happens by a deadline: `set` (again) and `clear` cost a dict entry, and
+    one timer a second, while anything is due, closes what is late (the module docstring: why not Tornado's)."""
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._since: dict[WebhookPost, float] = {}
+    def __init__(self) -> None:
+        self._due: dict[object, tuple[float, Callable[[], None]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
-    def reading(self, post: WebhookPost) -> None:
-        if isinstance(post.connection, http1connection.HTTP1Connection):
-            post.connection.set_body_timeout(None)  # type: ignore[arg-type]  # None: no per-read timeout future
+    def set(self, key: object, seconds: float, expire: Callable[[], None]) -> None:
+        """Call `expire` once `seconds` have passed, unless `key` is set again or cleared first."""
         loop = asyncio.get_running_loop()
-        self._since[post] = loop.time()
+        self._due[key] = (loop.time() + seconds, expire)
         if self._sweep is None:
-            self._sweep = loop.call_later(SWEEP_S, self._close_late)
+            self._sweep = loop.call_later(SWEEP_S, self._expire)
 
-    def done(self, post: WebhookPost) -> None:
-        self._since.pop(post, None)
+    def clear(self, key: object) -> None:
+        self._due.pop(key, None)
 
-    def _close_late(self) -> None:
+    def _expire(self) -> None:
         loop = asyncio.get_running_loop()
-        late = [post for post, since in self._since.items() if loop.time() - since > self.timeout]
-        for post in late:
-            del self._since[post]
-            log.warning("webhook_rejected", reason=f"body not received within {self.timeout:g} s")
-            post.connection.close()  # type: ignore[attr-defined]  # HTTP1Connection: its stream
-        self._sweep = loop.call_later(SWEEP_S, self._close_late) if self._since else None
+        now = loop.time()
+        for key in [key for key, (due, _) in self._due.items() if due <= now]:
+            _, expire = self._due.pop(key)
+            expire()
+        self._sweep = loop.call_later(SWEEP_S, self._expire) if self._due else None
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTPServer with its idle connection timeout as a deadline per connection (`Deadlines`; the module
+    docstring says why): from the moment a connection waits for its next request until the one after, at most
+    `idle_timeout`. Unlike Tornado's, it also bounds a request's handling, and no request here takes long: a webhook
+    is answered once durable (or 503 at once), its body has BODY_TIMEOUT_S, /healthz and /metrics answer at once."""
+
+    def initialize(self, *args: Any, idle_timeout: float = IDLE_TIMEOUT_S, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.conn_params.header_timeout = None  # no timeout future around each header read: the deadline instead
+        self.idle_timeout = idle_timeout
+        self.deadlines = Deadlines()
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        # called as the connection starts waiting for a request: the deadline is renewed once per request
+        stream = cast(http1connection.HTTP1ServerConnection, server_conn).stream
+        self.deadlines.set(server_conn, self.idle_timeout, stream.close)
+        return super().start_request(server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.deadlines.clear(server_conn)
+        super().on_close(server_conn)
 
 
 class WebhookPosts(httputil.HTTPServerConnectionDelegate):
@@ -221,10 +252,11 @@ class WebhookPosts(httputil.HTTPServerConnectionDelegate):
 
     def __init__(self, deps: Deps, body_timeout: float = BODY_TIMEOUT_S) -> None:
         self.deps = deps
-        self.bodies = BodyTimeouts(body_timeout)
+        self.body_timeout = body_timeout
+        self.bodies = Deadlines()
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
-        return WebhookPost(self.deps, request_conn, self.bodies)
+        return WebhookPost(self.deps, request_conn, self.bodies, self.body_timeout)
 
 
 class PostTo(tornado.routing.Matcher):

@@ -30,6 +30,7 @@ from natalia_secure.metrics import Metrics
 from natalia_secure.natalia import OfflineNatalia
 from natalia_secure.replies import Conversations
 from natalia_secure.store import Store, StoreOptions
+from natalia_secure import web
 from natalia_secure.web import Deps, Health, http_date, make_app
 
 from .conftest import configured_logs
@@ -97,7 +98,13 @@ def health_of(store: Store) -> Callable[[], Health]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    state_dir: str, master: MasterKey, *, intake_type: type[Intake] = Intake, body_timeout: float = 30.0, **options: Any
+    state_dir: str,
+    master: MasterKey,
+    *,
+    intake_type: type[Intake] = Intake,
+    body_timeout: float = 30.0,
+    idle_timeout: float = 75.0,
+    **options: Any,
 ) -> AsyncIterator[Server]:
     store = Store.open(state_dir, master, StoreOptions(chunk=4096, **options))
     metrics = Metrics()
@@ -105,7 +112,7 @@ async def serving(
     conversations = Conversations(store, OfflineNatalia(CATALOG), outbox, metrics, CATALOG, concurrency=4)
     intake = intake_type(store, conversations, metrics, WebhookSecrets(SECRET, TOKEN))
     app = make_app(Deps(intake, metrics, health_of(store)), body_timeout)
-    server = tornado.httpserver.HTTPServer(app, max_body_size=4 * 1024 * 1024)
+    server = web.HTTPServer(app, max_body_size=4 * 1024 * 1024, idle_timeout=idle_timeout)
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server.add_sockets(sockets)
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_body_size=16 * 1024 * 1024)
@@ -524,6 +531,33 @@ def test_a_webhook_body_that_does_not_arrive_in_time_closes_its_connection(state
             assert 0.5 <= time.monotonic() - started < 3
             assert srv.store.claim_lsn("wamid.SLOW") is None and srv.store.claim_lsn("wamid.FAST") is not None
             writer.close()
+
+    run(go())
+
+
+def test_an_idle_or_trickling_connection_is_closed_and_a_busy_one_is_not(state_dir: str, master: MasterKey) -> None:
+    """The idle timeout (a swept deadline, not Tornado's timeout future per request): a keep-alive connection with
+    no next request, and one trickling a request's headers, are closed once it passes; a connection whose requests
+    keep coming stays open for longer than the timeout, every request answered."""
+
+    async def go() -> None:
+        async with serving(state_dir, master, idle_timeout=0.5) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            idle = await asyncio.open_connection("127.0.0.1", port)
+            assert (await raw_post(idle[1], idle[0], one("wamid.I1")))[0] == "HTTP/1.1 200 OK"
+            trickle = await asyncio.open_connection("127.0.0.1", port)
+            trickle[1].write(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            busy = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            for n in range(8):  # 1.6 s of requests 0.2 s apart on one connection
+                assert (await raw_post(busy[1], busy[0], one(f"wamid.B{n}")))[0] == "HTTP/1.1 200 OK"
+                await asyncio.sleep(0.2)
+            for reader, writer in (idle, trickle):
+                assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed, nothing more said
+                writer.close()
+            assert 0.5 <= time.monotonic() - started < 4
+            assert (await raw_post(busy[1], busy[0], one("wamid.B8")))[0] == "HTTP/1.1 200 OK"
+            busy[1].close()
 
     run(go())
 
