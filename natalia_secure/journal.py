@@ -235,8 +235,15 @@ class GroupCommitter:
         self.batch_started: float | None = None  # time.monotonic() of the batch being written now, if any
 
     async def wait(self, lsn: int) -> None:
+        fut = self.future(lsn)
+        if fut is not None:
+            await fut
+
+    def future(self, lsn: int) -> asyncio.Future[None] | None:
+        """`wait` as a future to await: None if record `lsn` is durable already; its exception StoreUnavailable if
+        the journal fails first."""
         if lsn <= self.journal.durable_lsn:
-            return
+            return None
         if self.journal.failure:
             raise StoreUnavailable(f"the journal is degraded ({self.journal.failure})")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -245,7 +252,7 @@ class GroupCommitter:
             self.kick()
         elif self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
-        await fut
+        return fut
 
     def kick(self) -> None:
         if self._task is None or self._task.done():

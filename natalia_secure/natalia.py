@@ -33,17 +33,19 @@ def _has_word(text: str, words: tuple[str, ...]) -> bool:
 
 class OfflineNatalia:
     def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+        self.catalog = catalog  # fixed for the process (catalog_file is a restart-only setting): worked out once
+        self._keywords = [(a.id, {a.id} | {_plain(k) for k in a.keywords}) for a in catalog.albums.values()]
+        titles = [a.title for a in catalog.albums.values()]
+        self._titles_text = " o ".join(titles) if len(titles) <= 2 else ", ".join(titles[:-1]) + " o " + titles[-1]
 
     def _titles(self) -> str:
-        titles = [a.title for a in self.catalog.albums.values()]
-        return " o ".join(titles) if len(titles) <= 2 else ", ".join(titles[:-1]) + " o " + titles[-1]
+        return self._titles_text
 
     def _album_named(self, text: str) -> str | None:
         words = {w.strip("¿?¡!.,;:") for w in text.split()}
-        for album in self.catalog.albums.values():
-            if album.id in words or any(_plain(k) in words for k in album.keywords):
-                return album.id
+        for album, keywords in self._keywords:
+            if not keywords.isdisjoint(words):
+                return album
         return None
 
     async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:

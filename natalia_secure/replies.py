@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import sys
 import time
@@ -329,7 +330,10 @@ class Conversations:
             "pending": {
                 "parts": [p.to_json() for p in parts],
                 "reply_to": reply_to,
-                "id": secrets.token_hex(6),  # its parts' tags (part_tag)
+                # its parts' tags (part_tag): unique per phone is enough, and no secret (a status is believed only
+                # with our app secret's signature); random's generator, seeded from os.urandom at import, costs no
+                # system call per reply as secrets.token_hex does
+                "id": f"{random.getrandbits(48):012x}",
                 "run": self._run,
             },
             "sent_parts": None,
@@ -350,10 +354,11 @@ class Conversations:
         text_record = record_text(text, photos)
         lsn = self.store.add_message(phone, "assistant", text_record, self.clock(), meta=meta, before_last=newer)
         await self.store.wait_durable(lsn)
-        await self._deliver(phone, recorded=lsn)
+        await self._deliver(phone, recorded=lsn, made=parts)
 
-    async def _deliver(self, phone: str, recorded: int | None = None) -> None:
-        """Send the pending reply's parts not yet sent; `recorded`: the lsn of its intent, if known (and durable)."""
+    async def _deliver(self, phone: str, recorded: int | None = None, made: list[Outgoing] | None = None) -> None:
+        """Send the pending reply's parts not yet sent; `recorded`: the lsn of its intent, if known (and durable);
+        `made`: its parts, if just made (else read back from the record)."""
         session = self.store.view(phone)
         state = session.get(sessions.META, {})
         pending, done = state.get("pending"), int(state.get("sent_parts", 0))
@@ -368,7 +373,7 @@ class Conversations:
             self.store.set_meta(phone, {"pending": None, "sent_parts": None})
             log.info("reply_dropped", phone=phone, reason="24-hour window closed")
             return
-        parts = [Outgoing.from_json(p) for p in pending["parts"]]
+        parts = made if made is not None else [Outgoing.from_json(p) for p in pending["parts"]]
         reply_id: str | None = pending.get("id")  # replies recorded before tags had none
         taken = self._sent_upto.get(phone)
         first = max(done, taken[1] if taken is not None and taken[0] == reply_id else 0)

@@ -546,7 +546,11 @@ class Store:
             return
         if self.degraded:
             raise StoreUnavailable(f"the store is degraded ({self.degraded}); the change is not durable")
-        await self._group_committer().wait(lsn)
+        # the committer's future awaited here, not through a coroutine of its own: every webhook and reply part
+        # waits here, and each coroutine level is resumed again when the fsync is done
+        fut = self._group_committer().future(lsn)
+        if fut is not None:
+            await fut
 
     def _group_committer(self) -> journal.GroupCommitter:
         assert self._journal is not None
