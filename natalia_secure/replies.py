@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import sys
@@ -46,6 +47,7 @@ import structlog
 from . import sessions
 from .assistant import Assistant, Outgoing, PhotoTool, pending_user_text, record_text
 from .catalog import Catalog
+from .deadlines import Deadlines
 from .errors import NataliaError, NotFoundError, SendError, StoreUnavailable
 from .metrics import Metrics
 from .store import Store
@@ -164,6 +166,8 @@ class Conversations:
         self._run = secrets.token_hex(4)  # this process's, in the replies it records: others' are an earlier run's
         self._settled: set[str] = set()  # ids of an earlier run's replies whose unsure part is settled
         self._unsure: dict[str, asyncio.Event] = {}  # phone -> set when a status settles its unsure part
+        self._turn_deadlines = Deadlines()
+        self._late: set[str] = set()  # phones whose turn the deadline cancelled
 
     @property
     def pending(self) -> int:
@@ -189,14 +193,22 @@ class Conversations:
                 if inherited is not None and not await self._settle(phone, inherited):
                     return  # closing: the next start settles it
                 async with self._slots:
+                    # An outage upstream must not hold a slot for ever: a turn past TURN_TIMEOUT_S is cancelled (a
+                    # swept deadline, not asyncio.timeout: deadlines.py) and counts as failed; the next turn retries.
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self._turn_deadlines.set(phone, TURN_TIMEOUT_S, functools.partial(self._too_long, phone, task))
                     try:
-                        # asyncio.timeout, not wait_for: wait_for (3.11) runs the turn in a task of its own
-                        async with asyncio.timeout(TURN_TIMEOUT_S):
-                            done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
-                    except TimeoutError:  # an outage upstream must not hold a slot for ever; the next turn retries
+                        done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
+                    except asyncio.CancelledError:
+                        if phone not in self._late or task.uncancel():  # not ours: the daemon is stopping
+                            raise
                         self.metrics.reply("failed")
                         log.error("reply_failed", phone=phone, error_type="TimeoutError", timeout_s=TURN_TIMEOUT_S)
                         done = True
+                    finally:
+                        self._turn_deadlines.clear(phone)
+                        self._late.discard(phone)
                 if not done:  # the store could not record the reply: try again once it has recovered
                     if self._closing:
                         return
@@ -208,6 +220,10 @@ class Conversations:
             if not queue:
                 self._queues.pop(phone, None)
             self._workers.pop(phone, None)
+
+    def _too_long(self, phone: str, task: asyncio.Task[None]) -> None:
+        self._late.add(phone)
+        task.cancel()
 
     def _inherited(self, phone: str) -> str | None:
         """The id of the phone's pending reply if an earlier run recorded it and its unsure part is not settled."""

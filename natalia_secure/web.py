@@ -40,6 +40,7 @@ import tornado.web
 from tornado import http1connection, httputil
 
 from . import logs, whatsapp
+from .deadlines import Deadlines
 from .intake import Intake
 from .metrics import Metrics
 
@@ -47,7 +48,6 @@ log = structlog.get_logger("natalia_secure.web")
 BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
 IDLE_TIMEOUT_S = 75.0  # a connection whose next request has not come (or not been answered) by then is closed
 READ_CHUNK = 16 * 1024  # bytes per socket read (HTTPServer)
-SWEEP_S = 1.0  # how often deadlines are looked at: a timeout fires within SWEEP_S of its time
 _KNOWN = {s.value for s in HTTPStatus}
 
 
@@ -196,33 +196,6 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         self.connection.write_headers(start, headers, data)
         self.connection.finish()
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)
-
-
-class Deadlines:
-    """Connections to close unless something happens by a deadline: `set` (again) and `clear` cost a dict entry, and
-    one timer a second, while anything is due, closes what is late (the module docstring: why not Tornado's)."""
-
-    def __init__(self) -> None:
-        self._due: dict[object, tuple[float, Callable[[], None]]] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-
-    def set(self, key: object, seconds: float, expire: Callable[[], None]) -> None:
-        """Call `expire` once `seconds` have passed, unless `key` is set again or cleared first."""
-        loop = asyncio.get_running_loop()
-        self._due[key] = (loop.time() + seconds, expire)
-        if self._sweep is None:
-            self._sweep = loop.call_later(SWEEP_S, self._expire)
-
-    def clear(self, key: object) -> None:
-        self._due.pop(key, None)
-
-    def _expire(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for key in [key for key, (due, _) in self._due.items() if due <= now]:
-            _, expire = self._due.pop(key)
-            expire()
-        self._sweep = loop.call_later(SWEEP_S, self._expire) if self._due else None
 
 
 class HTTPServer(tornado.httpserver.HTTPServer):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from natalia_secure import catalog, sessions
+from natalia_secure import catalog, replies, sessions
 from natalia_secure.assistant import Outgoing, PhotoTool, pending_user_text
 from natalia_secure.errors import SendError
 from natalia_secure.metrics import Metrics
@@ -188,6 +188,46 @@ def test_a_failing_assistant_is_counted_and_the_conversation_goes_on(store: Stor
         assert outbox.texts() == ["re: m0", "re: m1 + m2"]  # the failed turn's message is answered by the next
         assert sample(conv, "natalia_replies_total", outcome="failed") == 1
         assert sample(conv, "natalia_replies_total", outcome="sent") == 2
+
+    asyncio.run(go())
+
+
+class Hanging:
+    """An assistant whose first reply never comes (an outage upstream); the later ones are immediate."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.Event().wait()
+        return "hola"
+
+
+def test_a_turn_that_hangs_gives_its_slot_back_after_the_turn_timeout(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A turn past TURN_TIMEOUT_S (a swept deadline, deadlines.py) is cancelled and counted as failed, and its slot
+    (concurrency 1 here) answers the next phone; a stop still cancels a turn as before (close() leaves it for the
+    next start)."""
+    monkeypatch.setattr(replies, "TURN_TIMEOUT_S", 0.2)
+
+    async def go() -> None:
+        outbox = Recorder()
+        conv = conversations(store, Hanging(), outbox, concurrency=1)
+        accept(store, conv, PHONE, "hola", 0)
+        accept(store, conv, "34600000002", "hola", 0)
+        started = asyncio.get_running_loop().time()
+        await settle(conv)
+        assert 0.2 <= asyncio.get_running_loop().time() - started < 5  # the sweep looks once a second
+        assert sample(conv, "natalia_replies_total", outcome="failed") == 1
+        assert [to for to, _, _ in outbox.sent] == ["34600000002"]
+        await conv.close(timeout=1)
+
+        stopping = conversations(store, Hanging(), Recorder(), concurrency=1)
+        accept(store, stopping, PHONE, "¿sigues ahí?", 1)
+        await asyncio.sleep(0.05)
+        assert await stopping.close(timeout=0.1) == 1  # cancelled by the stop, not counted as a timeout
+        assert sample(stopping, "natalia_replies_total", outcome="failed") == 0
 
     asyncio.run(go())
 

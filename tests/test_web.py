@@ -21,7 +21,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 
-from natalia_secure import whatsapp
+from natalia_secure import web, whatsapp
 from natalia_secure.assistant import Outgoing
 from natalia_secure.catalog import load as load_catalog
 from natalia_secure.intake import Intake, WebhookSecrets
@@ -30,7 +30,6 @@ from natalia_secure.metrics import Metrics
 from natalia_secure.natalia import OfflineNatalia
 from natalia_secure.replies import Conversations
 from natalia_secure.store import Store, StoreOptions
-from natalia_secure import web
 from natalia_secure.web import Deps, Health, http_date, make_app
 
 from .conftest import configured_logs
