@@ -20,12 +20,14 @@ class Deadlines:
     def __init__(self) -> None:
         self._due: dict[object, tuple[float, Callable[[], None]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def set(self, key: object, seconds: float, expire: Callable[[], None]) -> None:
         """Call `expire` once `seconds` have passed, unless `key` is set again or cleared first."""
         loop = asyncio.get_running_loop()
         self._due[key] = (loop.time() + seconds, expire)
-        if self._sweep is None:
+        if self._sweep is None or self._loop is not loop:  # (a sweep of a loop gone, e.g. in tests, runs no more)
+            self._loop = loop
             self._sweep = loop.call_later(SWEEP_S, self._expire)
 
     def clear(self, key: object) -> None:
@@ -33,8 +35,11 @@ class Deadlines:
 
     def _expire(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        for key in [key for key, (due, _) in self._due.items() if due <= now]:
-            _, expire = self._due.pop(key)
-            expire()
-        self._sweep = loop.call_later(SWEEP_S, self._expire) if self._due else None
+        try:
+            now = loop.time()
+            for key in [key for key, (due, _) in self._due.items() if due <= now]:
+                entry = self._due.pop(key, None)  # (an earlier callback may have cleared it)
+                if entry is not None:
+                    entry[1]()
+        finally:  # a callback that raises (logged by the loop) stops this sweep, never the ones after it
+            self._sweep = loop.call_later(SWEEP_S, self._expire) if self._due else None

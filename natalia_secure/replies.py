@@ -201,14 +201,19 @@ class Conversations:
                     try:
                         done = await self._turn(phone, next((m for m, _ in reversed(batch) if m), None))
                     except asyncio.CancelledError:
-                        if phone not in self._late or task.uncancel():  # not ours: the daemon is stopping
+                        if phone not in self._late:  # not ours: the daemon is stopping
+                            raise
+                        self._late.discard(phone)
+                        if task.uncancel():  # ours, and the daemon is stopping too
                             raise
                         self.metrics.reply("failed")
                         log.error("reply_failed", phone=phone, error_type="TimeoutError", timeout_s=TURN_TIMEOUT_S)
                         done = True
                     finally:
                         self._turn_deadlines.clear(phone)
-                        self._late.discard(phone)
+                        if phone in self._late:  # our cancel was swallowed inside the turn: take it back, as
+                            self._late.discard(phone)  # asyncio.timeout does, or the next one would look foreign
+                            task.uncancel()
                 if not done:  # the store could not record the reply: try again once it has recovered
                     if self._closing:
                         return

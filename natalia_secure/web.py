@@ -14,11 +14,11 @@ Content-Length (or, chunked, its running size) says so, without buffering it (To
 never a traceback.
 
 Timeouts, so a client cannot hold connections and buffers open: a webhook's body must arrive within `body_timeout`
-(30 s; Meta sends one in one go), and a connection's next request must have come and been answered within
-`idle_timeout` (75 s) of the previous one, or the connection is closed. Tornado has both (body_timeout,
-idle_connection_timeout), but wraps every header and body read in a timeout future: ~45 us and ~25 us of a webhook's
-~260 us of CPU at saturation (bench/README.md). Here they are deadlines in a dict that one sweep a second looks at
-(`Deadlines`); Tornado's body_timeout stays for the bodies of other requests (POST /webhook turns it off for itself).
+(30 s; Meta sends one in one go), and a connection still reading `idle_timeout` (75 s) after its last request
+started (idle, or trickling the next one) is closed. Tornado has both (body_timeout, idle_connection_timeout), but
+wraps each request's body read, and its header read, in a timeout future: ~45 us and ~25 us of a webhook's ~260 us
+of CPU at saturation (bench/README.md). Here they are deadlines (deadlines.py) that one sweep a second looks at;
+Tornado's body_timeout stays for the bodies of other requests (POST /webhook turns it off for itself).
 """
 
 from __future__ import annotations
@@ -200,11 +200,12 @@ class WebhookPost(httputil.HTTPMessageDelegate):
 
 class HTTPServer(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with its idle connection timeout as a deadline per connection (`Deadlines`; the module
-    docstring says why): from the moment a connection waits for its next request until the one after, at most
-    `idle_timeout`. Unlike Tornado's, it also bounds a request's handling, and no request here takes long: a webhook
-    is answered once durable (or 503 at once), its body has BODY_TIMEOUT_S, /healthz and /metrics answer at once."""
+    docstring says why), renewed as each request starts: a connection still reading (waiting for its next request,
+    or receiving one) when `idle_timeout` has passed is closed; one answering a request is looked at again later."""
 
     def initialize(self, *args: Any, idle_timeout: float = IDLE_TIMEOUT_S, **kwargs: Any) -> None:
+        if "idle_connection_timeout" in kwargs:  # Tornado's, which this class replaces: never silently ignored
+            raise TypeError("web.HTTPServer takes idle_timeout, not idle_connection_timeout")
         # Each socket read fills a new zeroed buffer of chunk_size: Tornado's default, 64 KiB, costs ~0.7 us and the
         # whole L1 cache twice per webhook (~1-3 KB); bodies are passed on in chunks of it.
         kwargs.setdefault("chunk_size", READ_CHUNK)
@@ -215,9 +216,15 @@ class HTTPServer(tornado.httpserver.HTTPServer):
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         # called as the connection starts waiting for a request: the deadline is renewed once per request
-        stream = cast(http1connection.HTTP1ServerConnection, server_conn).stream
-        self.deadlines.set(server_conn, self.idle_timeout, stream.close)
+        self.deadlines.set(server_conn, self.idle_timeout, functools.partial(self._idle, server_conn))
         return super().start_request(server_conn, request_conn)
+
+    def _idle(self, server_conn: object) -> None:
+        stream = cast(http1connection.HTTP1ServerConnection, server_conn).stream
+        if stream.reading():  # waiting for a request (or trickling one): closed, as Tornado's timeout did
+            stream.close()
+        else:  # a request being answered (its body read whole) is never cut: look again later
+            self.deadlines.set(server_conn, self.idle_timeout, functools.partial(self._idle, server_conn))
 
     def on_close(self, server_conn: object) -> None:
         self.deadlines.clear(server_conn)

@@ -232,6 +232,50 @@ def test_a_turn_that_hangs_gives_its_slot_back_after_the_turn_timeout(store: Sto
     asyncio.run(go())
 
 
+class Swallowing:
+    """An assistant (or a client library under it) that swallows the first cancellation it gets and answers late,
+    then hangs once, then answers at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def reply(self, session: sessions.Session, photos: PhotoTool) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return "tarde"
+        if self.calls == 2:
+            await asyncio.Event().wait()
+        return "hola"
+
+
+def test_a_turn_timeout_swallowed_inside_the_turn_does_not_spoil_the_next(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel that the turn's code swallows is taken back (as asyncio.timeout does): the next timeout of the same
+    worker is still a timeout (counted, the worker goes on to the next message), not mistaken for a stop."""
+    monkeypatch.setattr(replies, "TURN_TIMEOUT_S", 0.2)
+
+    async def go() -> None:
+        outbox = Recorder()
+        assistant = Swallowing()
+        conv = conversations(store, assistant, outbox, concurrency=1)
+        accept(store, conv, PHONE, "uno", 0)
+        for _ in range(500):
+            if assistant.calls:
+                break
+            await asyncio.sleep(0.01)
+        accept(store, conv, PHONE, "dos", 1)  # queued during the turn: the same worker's next turn, which hangs
+        await settle(conv)
+        accept(store, conv, PHONE, "tres", 2)
+        await settle(conv)
+        assert outbox.texts() == ["tarde", "hola"]
+        assert sample(conv, "natalia_replies_total", outcome="failed") == 1
+        await conv.close(timeout=1)
+
+    asyncio.run(go())
+
+
 def test_nothing_is_sent_outside_the_24_hour_window(store: Store) -> None:
     """A message answered (e.g. resumed) more than 24 h after it arrived: no free-form reply, counted."""
 

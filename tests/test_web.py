@@ -20,6 +20,7 @@ import pytest
 import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
+import tornado.web
 
 from natalia_secure import web, whatsapp
 from natalia_secure.assistant import Outgoing
@@ -559,6 +560,33 @@ def test_an_idle_or_trickling_connection_is_closed_and_a_busy_one_is_not(state_d
             busy[1].close()
 
     run(go())
+
+
+class SlowIntake(Intake):
+    async def _accept(self, body: bytes, signature: str | None) -> Any:
+        await asyncio.sleep(1.6)
+        return await super()._accept(body, signature)
+
+
+def test_a_request_still_being_answered_is_not_cut_by_the_idle_timeout(state_dir: str, master: MasterKey) -> None:
+    """The idle timeout closes connections that wait (or trickle), never one whose request is being answered: a
+    webhook answered 1.6 s after it arrived, with a 0.5 s idle timeout, gets its 200 on the same connection."""
+
+    async def go() -> None:
+        async with serving(state_dir, master, intake_type=SlowIntake, idle_timeout=0.5) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            status, _, body = await raw_post(writer, reader, one("wamid.SLOWANSWER"))
+            assert status == "HTTP/1.1 200 OK" and json.loads(body)["messages"] == 1
+            assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # then idle: closed
+            writer.close()
+
+    run(go())
+
+
+def test_tornados_idle_timeout_is_refused_not_ignored() -> None:
+    with pytest.raises(TypeError, match="idle_timeout"):
+        web.HTTPServer(tornado.web.Application(), idle_connection_timeout=5)
 
 
 async def raw_post(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, body: bytes) -> tuple[str, dict[str, str], bytes]:
