@@ -32,9 +32,6 @@ import urllib.request
 
 import webhook as W
 
-from natalia_secure import keyring, masterkey
-from natalia_secure.clock import iso_utc, now_ms
-
 
 def count(n: int, warm: int, bare: bool) -> tuple[int, float]:
     """Instructions of a whole daemon (or bare server) life that served `warm` then `n` webhooks; replies written."""
@@ -48,21 +45,8 @@ def count(n: int, warm: int, bare: bool) -> tuple[int, float]:
             assert proc.stdout is not None
             port = int(proc.stdout.readline())
         else:
-            state = os.path.join(base, "state")
-            os.mkdir(state, 0o700)
-            key_file = os.path.join(base, "master.key")
-            master = masterkey.create_key_file(key_file)
-            keyring.save(state, keyring.Keyring.new(iso_utc(now_ms())), master, now_ms())
             port = W.free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("NATALIA_", "WHATSAPP_", "NOTIFY_", "WATCHDOG_"))}
-            env.update(
-                NATALIA_STATE_DIR=state,
-                NATALIA_MASTER_KEY_FILE=key_file,
-                NATALIA_LISTEN=f"127.0.0.1:{port}",
-                NATALIA_LOG_FORMAT="json",
-                WHATSAPP_APP_SECRET=W.SECRET,
-                WHATSAPP_VERIFY_TOKEN=W.TOKEN,
-            )
+            env = W.daemon_env(base, port)
             with open(os.path.join(base, "daemon.log"), "w") as log:
                 command = [*valgrind, sys.executable, "-m", "natalia_secure", "serve"]
                 proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)

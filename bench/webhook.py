@@ -296,26 +296,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_daemon(base: str, args: argparse.Namespace, log: IO[str]) -> Server:
+def daemon_env(base: str, port: int, durability: str = "always", log_level: str = "info") -> dict[str, str]:
+    """A fresh state directory under `base` (what `natalia-secure keys init` leaves) and the environment that points
+    `python -m natalia_secure serve` at it, listening on 127.0.0.1:`port` (0: any), with the benchmark's secrets."""
     state = os.path.join(base, "state")
     os.mkdir(state, 0o700)
     key_file = os.path.join(base, "master.key")
     master = masterkey.create_key_file(key_file)
     now = now_ms()
-    keyring.save(state, keyring.Keyring.new(iso_utc(now)), master, now)  # what `natalia-secure keys init` leaves
-    port = 0 if args.log_level in ("debug", "info") else free_port()
+    keyring.save(state, keyring.Keyring.new(iso_utc(now)), master, now)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATALIA_", "WHATSAPP_", "NOTIFY_", "WATCHDOG_"))}
     env.update(
         NATALIA_STATE_DIR=state,
         NATALIA_MASTER_KEY_FILE=key_file,
         NATALIA_LISTEN=f"127.0.0.1:{port}",
         NATALIA_LOG_FORMAT="json",
-        NATALIA_DURABILITY=args.durability,
-        NATALIA_LOG_LEVEL=args.log_level,
+        NATALIA_DURABILITY=durability,
+        NATALIA_LOG_LEVEL=log_level,
         WHATSAPP_APP_SECRET=SECRET,
         WHATSAPP_VERIFY_TOKEN=TOKEN,
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def start_daemon(base: str, args: argparse.Namespace, log: IO[str]) -> Server:
+    port = 0 if args.log_level in ("debug", "info") else free_port()
+    env = daemon_env(base, port, args.durability, args.log_level)
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     proc = subprocess.Popen(
         [sys.executable, *profile, "-m", "natalia_secure", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True

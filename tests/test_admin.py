@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,9 +73,16 @@ class Site:
             store.flush()
 
     def through_daemon(self, command: str) -> bool:
-        return self.daemon is not None and any(
-            e.get("event") == "admin_command" and e.get("command") == command for e in self.daemon.events
-        )
+        """Whether the running daemon logged `command` as done. Its log line comes before its answer on the control
+        socket, but a thread of ours reads the log: a moment is allowed for it (it was once read after the check)."""
+        if self.daemon is None:
+            return False
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            if any(e.get("event") == "admin_command" and e.get("command") == command for e in list(self.daemon.events)):
+                return True
+            time.sleep(0.01)
+        return False
 
     def close(self) -> None:
         if self.daemon is not None:
