@@ -2,7 +2,7 @@
 
 bench/webhook.py measures time, and on this 2-CPU VM shared with other machines the same code measures 140-280 us per
 request from one hour to the next: a 5% change cannot be seen. This counts instructions instead (valgrind's
-cachegrind, no cache simulation; ~30x slower, deterministic to ~0.5%): the daemon (`python -m natalia_secure serve`
+cachegrind, no cache simulation; ~30x slower, repeatable to ~1-2%): the daemon (`python -m natalia_secure serve`
 from the current directory's package, as bench/webhook.py starts it) gets WARM signed webhooks, then N1 more; a second
 daemon WARM, then N2; (instructions of the second - the first) / (N2 - N1) is the cost of one webhook, its reply and
 its share of the group commits, without start-up and warm-up. `--bare` counts the bare Tornado handler of
