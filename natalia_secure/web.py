@@ -46,7 +46,7 @@ from .metrics import Metrics
 
 log = structlog.get_logger("natalia_secure.web")
 BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
-IDLE_TIMEOUT_S = 75.0  # a connection whose next request has not come (or not been answered) by then is closed
+IDLE_TIMEOUT_S = 75.0  # a connection still reading (idle, or trickling a request) this long after its last request began
 READ_CHUNK = 16 * 1024  # bytes per socket read (HTTPServer)
 _KNOWN = {s.value for s in HTTPStatus}
 
