@@ -2,7 +2,7 @@
 
 A load generator in its own process sends unique, correctly signed WhatsApp webhook bodies over loopback on many
 keep-alive connections to a bare Tornado handler that answers 200 `{}` after reading the body (the ceiling of a
-single-process Tornado server on this machine) and to the real daemon (`python -m natalia_secure serve`, which
+single-process Tornado server on this machine, on the daemon's event loop, uvloop) and to the real daemon (`python -m natalia_secure serve`, which
 answers 200 only once the message is sealed and fsynced), alternating which goes first round by round. Closed loop
 first (every connection sends its next request as soon as the answer is in: the throughput), then open loop at a
 fixed rate well below saturation (the latency a steady stream of customers sees). The machine is a shared, noisy
@@ -41,6 +41,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import uvloop
 from benchlib import default_base, fs_of, machine
 
 from natalia_secure import keyring, masterkey, whatsapp
@@ -90,7 +91,8 @@ def bare_main() -> int:
         await stop.wait()
         server.stop()
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the daemon's loop (daemon.serve)
+        runner.run(serve())
     return 0
 
 
@@ -615,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     print("natalia-secure webhook benchmark (bench/webhook.py; bench/README.md explains the columns)")
     import tornado
 
-    for line in machine(f"Tornado {tornado.version}, asyncio default loop"):
+    for line in machine(f"Tornado {tornado.version}, servers on uvloop {uvloop.__version__}, generator on asyncio's loop"):
         print(line)
     print(f"state      {base} ({fs_of(base)}), deleted at the end; the daemon's log goes to a file there")
     print(f"command    {' '.join([os.path.relpath(sys.executable), 'bench/webhook.py', *argv])}")

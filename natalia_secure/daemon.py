@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import structlog
 import tornado.httpserver
 import tornado.netutil
+import uvloop
 
 from . import admin, backups, catalog, config, logs, masterkey, web
 from .assistant import Assistant
@@ -463,10 +464,13 @@ def serve(
     master_key: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> int:
-    """The `serve` command: logs, then the daemon on a fresh event loop."""
+    """The `serve` command: logs, then the daemon on a fresh event loop: uvloop's (libuv), whose readiness
+    handling and callbacks are C where asyncio's are Python: ~7% fewer instructions per webhook, and Tornado's
+    switching between reading and writing a connection costs no epoll_ctl each time (bench/README.md)."""
     daemon = Daemon(cfg, config_path=config_path, master_key=master_key, environ=environ, overrides=overrides)
     logs.configure(fmt=cfg.log_format, level=cfg.log_level)
-    code = asyncio.run(daemon.run())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(daemon.run())
     if daemon.abandoned:  # a thread is stuck in the kernel on a hung disk: interpreter exit would join it forever
         sys.stdout.flush()
         os._exit(code)
