@@ -2,12 +2,12 @@
 
 A load generator in its own process sends unique, correctly signed WhatsApp webhook bodies over loopback on many
 keep-alive connections to a bare Tornado handler that answers 200 `{}` after reading the body (the ceiling of a
-single-process Tornado server on this machine, on the daemon's event loop, uvloop) and to the real daemon (`python -m natalia_secure serve`, which
-answers 200 only once the message is sealed and fsynced), alternating which goes first round by round. Closed loop
-first (every connection sends its next request as soon as the answer is in: the throughput), then open loop at a
-fixed rate well below saturation (the latency a steady stream of customers sees). The machine is a shared, noisy
-2-CPU VM and the generator shares its cores with the server measured: read the ratio, not the absolute figures
-(bench/README.md, section "bench/webhook.py").
+single-process Tornado server on this machine, on the daemon's event loop, uvloop) and to the real daemon
+(`python -m natalia_secure serve`, which answers 200 only once the message is sealed and fsynced), alternating which
+goes first round by round. Closed loop first (every connection sends its next request as soon as the answer is in:
+the throughput), then open loop at a fixed rate well below saturation (the latency a steady stream of customers
+sees). The machine is a shared, noisy 2-CPU VM and the generator shares its cores with the server measured: read the
+ratio, not the absolute figures (bench/README.md, section "bench/webhook.py").
 
     .venv/bin/python bench/webhook.py                            # 3 rounds x 20,000 requests, 64 connections (~3 min)
     .venv/bin/python bench/webhook.py --quick                    # 1 round x 3,000 requests, ~25 s

@@ -8,6 +8,8 @@
 POST /webhook is served by `WebhookPost`, an `HTTPMessageDelegate` (tornado.httputil), not a RequestHandler: it is the
 one hot path (every customer message), and tornado.web's machinery around a handler (handler object, its task and
 the extra loop turns of a streamed body, header bookkeeping) cost ~51 us of serve's 319 us (bench/README.md, 2026-11-26).
+`App` hands it over once its request line and headers are in, before tornado.web's routing would build an
+HTTPServerRequest (`check_host` keeps that object's Host checks).
 It sees the body as it streams in, so a body over Meta's 3 MB limit is refused with 413 as soon as its
 Content-Length (or, chunked, its running size) says so, without buffering it (Tornado's own limit would answer
 400), and a POST without a well-formed signature is refused (401) before its body is read. Every error is JSON,
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -244,8 +247,9 @@ class WebhookPosts:
 
 class App(tornado.web.Application):
     """tornado.web's Application, except that POST /webhook is told by its request line and goes to WebhookPost
-    without tornado.web's routing (an HTTPServerRequest, then each rule's regular expression: ~5% of serve's CPU
-    per webhook, bench/README.md); every other request is routed by the Application's rules as usual."""
+    without tornado.web's routing (an HTTPServerRequest, then each rule's regular expression: 4% of serve's
+    instructions per webhook, bench/README.md); every other request is routed by the Application's rules as usual.
+    Served through an HTTPServer (start_request), not called as a function."""
 
     def __init__(self, webhook: WebhookPosts, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -259,9 +263,26 @@ class App(tornado.web.Application):
         return super().start_request(server_conn, request_conn)
 
 
+# A Host header's value (RFC 3986 host [":" port], as tornado.web checks it) without the comma: two Host headers are
+# read as one joined by a comma, and RFC 9112 3.2 asks 400 for both (tornado.web refuses commas for that reason)
+_HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+;=:\[\]]|%[0-9A-Fa-f]{2})*")
+
+
+def check_host(version: str, headers: httputil.HTTPHeaders) -> None:
+    """What tornado.web's HTTPServerRequest checks of every other request (RFC 9112 3.2): an HTTP/1.1 request with
+    no Host header, two, or an invalid one is refused; Tornado answers HTTPInputError with 400 and closes."""
+    host = headers.get("Host")
+    if host is None:
+        if version != "HTTP/1.0":  # HTTP/1.0 may omit it
+            raise httputil.HTTPInputError("Missing Host header")
+    elif not _HOST.fullmatch(host):
+        raise httputil.HTTPInputError("Invalid or repeated Host header")
+
+
 class RequestLine(httputil.HTTPMessageDelegate):
     """One request, handed on once its request line and headers are in: POST /webhook (whatever its query) to a
-    WebhookPost, anything else to the Application's routing."""
+    WebhookPost, once its Host header passes the checks tornado.web's routing would have made; anything else to the
+    Application's routing."""
 
     def __init__(self, app: App, server_conn: object, request_conn: httputil.HTTPConnection) -> None:
         self.app = app
@@ -274,6 +295,7 @@ class RequestLine(httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.RequestStartLine)
         if start_line.method == "POST" and start_line.path.partition("?")[0] == "/webhook":
+            check_host(start_line.version, headers)
             self.delegate = self.app.webhook.start_request(self.request_conn)
         else:
             self.delegate = self.app.route(self.server_conn, self.request_conn)

@@ -406,6 +406,57 @@ def test_a_hung_disk_cannot_stretch_the_stop_past_its_timeout(
     assert health == 503 and code == 7 and d.abandoned and elapsed < 3
 
 
+def serve_with(monkeypatch: pytest.MonkeyPatch, state_dir: str, run: object) -> int:
+    """daemon.serve (the `serve` command's event loop and exit) around a stand-in for Daemon.run."""
+    from natalia_secure import config
+    from natalia_secure import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module.Daemon, "run", run)
+    monkeypatch.setattr(daemon_module.logs, "configure", lambda **kw: None)  # the test session's logging stays
+    env = {"NATALIA_STATE_DIR": state_dir, "WHATSAPP_APP_SECRET": SECRET, "WHATSAPP_VERIFY_TOKEN": "t"}
+    return daemon_module.serve(config.load(None, env), None, env)
+
+
+def test_serve_runs_the_daemon_on_uvloop(state_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import uvloop
+
+    loops: list[type] = []
+
+    async def run(self: object) -> int:
+        loops.append(type(asyncio.get_running_loop()))
+        return 0
+
+    assert serve_with(monkeypatch, state_dir, run) == 0
+    assert loops == [uvloop.Loop]
+
+
+def test_serve_exits_at_once_when_the_stop_left_a_thread_stuck(state_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop that gave up on a hung disk (Daemon.abandoned) exits with its code before the event loop is closed:
+    closing it waits for its executor's threads, and one of them may never come back."""
+    import asyncio
+
+    stuck = threading.Event()
+    exits: list[tuple[int, float]] = []
+
+    async def run(self: object) -> int:
+        asyncio.get_running_loop().run_in_executor(None, stuck.wait, 10)  # a thread the loop's close would wait for
+        self.abandoned = True  # type: ignore[attr-defined]
+        return 7
+
+    def exit_now(code: int) -> None:
+        exits.append((code, time.monotonic() - t0))
+        stuck.set()
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        serve_with(monkeypatch, state_dir, run)
+    assert len(exits) == 1 and exits[0][0] == 7 and exits[0][1] < 5
+
+
 def test_a_reload_that_fails_late_changes_nothing(
     tmp_path, state_dir: str, master_key_file: str, daemons: list[DaemonProcess]
 ) -> None:  # type: ignore[no-untyped-def]

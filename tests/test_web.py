@@ -515,6 +515,33 @@ def test_a_signed_post_with_a_query_string_is_a_webhook(state_dir: str, master: 
     run(go())
 
 
+def test_a_webhook_without_one_valid_host_gets_400_and_records_nothing(state_dir: str, master: MasterKey) -> None:
+    """RFC 9112 3.2, checked as tornado.web checks every other request: an HTTP/1.1 request with no Host header,
+    two, or an invalid one is refused; HTTP/1.0 may omit it."""
+
+    async def send(port: int, version: str, hosts: list[str], body: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST /webhook {version}\r\n" + "".join(f"Host: {h}\r\n" for h in hosts)
+        head += f"{whatsapp.SIGNATURE_HEADER}: {whatsapp.sign(SECRET, body)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        status = await asyncio.wait_for(reader.readline(), timeout=5)
+        writer.close()
+        return status
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            for hosts in ([], ["127.0.0.1", "evil.example"], ["127.0.0.1 evil.example"], ["a,b"]):
+                status = await send(port, "HTTP/1.1", hosts, one("wamid.H1"))
+                assert status.startswith(b"HTTP/1.1 400"), hosts
+            assert len(srv.store) == 0
+            assert (await send(port, "HTTP/1.1", [f"127.0.0.1:{port}"], one("wamid.H2"))).startswith(b"HTTP/1.1 200")
+            assert (await send(port, "HTTP/1.0", [], one("wamid.H3", "34600000002"))).startswith(b"HTTP/1.1 200")
+            assert len(srv.store) == 2
+
+    run(go())
+
+
 def test_an_unsigned_post_is_refused_before_its_body_is_read(state_dir: str, master: MasterKey) -> None:
     """A client that announces 3 MB without a signature gets 401 at once, though it never sends the body."""
 
