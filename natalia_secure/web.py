@@ -233,30 +233,23 @@ class HTTPServer(tornado.httpserver.HTTPServer):
         super().on_close(server_conn)
 
 
-class WebhookPosts:
-    """What every POST /webhook shares: the intake, the body deadlines and their timeout."""
-
-    def __init__(self, deps: Deps, body_timeout: float = BODY_TIMEOUT_S) -> None:
-        self.deps = deps
-        self.body_timeout = body_timeout
-        self.bodies = Deadlines()
-
-    def start_request(self, request_conn: httputil.HTTPConnection) -> WebhookPost:
-        return WebhookPost(self.deps, request_conn, self.bodies, self.body_timeout)
-
-
 class App(tornado.web.Application):
     """tornado.web's Application, except that POST /webhook is told by its request line and goes to WebhookPost
     without tornado.web's routing (an HTTPServerRequest, then each rule's regular expression: 4% of serve's
     instructions per webhook, bench/README.md); every other request is routed by the Application's rules as usual.
     Served through an HTTPServer (start_request), not called as a function."""
 
-    def __init__(self, webhook: WebhookPosts, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, deps: Deps, body_timeout: float, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.webhook = webhook
+        self.deps = deps
+        self.body_timeout = body_timeout
+        self.bodies = Deadlines()  # every webhook body's, one sweep for all
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         return RequestLine(self, server_conn, request_conn)
+
+    def webhook(self, request_conn: httputil.HTTPConnection) -> WebhookPost:
+        return WebhookPost(self.deps, request_conn, self.bodies, self.body_timeout)
 
     def route(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         """The Application's own delegate for a request (tornado.routing), for everything but POST /webhook."""
@@ -296,7 +289,7 @@ class RequestLine(httputil.HTTPMessageDelegate):
         assert isinstance(start_line, httputil.RequestStartLine)
         if start_line.method == "POST" and start_line.path.partition("?")[0] == "/webhook":
             check_host(start_line.version, headers)
-            self.delegate = self.app.webhook.start_request(self.request_conn)
+            self.delegate = self.app.webhook(self.request_conn)
         else:
             self.delegate = self.app.route(self.server_conn, self.request_conn)
         return self.delegate.headers_received(start_line, headers)
@@ -340,7 +333,8 @@ def make_app(deps: Deps, body_timeout: float = BODY_TIMEOUT_S) -> App:
         ("/metrics", MetricsHandler, {"deps": deps}),
     ]
     return App(
-        WebhookPosts(deps, body_timeout),
+        deps,
+        body_timeout,
         routes,
         log_function=logs.log_request,  # the path without its query: it carries hub.verify_token
         default_handler_class=NotFound,
