@@ -22,8 +22,33 @@ THANKS = ("gracias", "genial", "perfecto")
 def _plain(text: str) -> str:
     """Lowercase without accents: "¿Tienes MÁS fotos?" -> "¿tienes mas fotos?"."""
     # NFKD splits "á" into "a" + a combining accent; dropping what is not ASCII (accents, "¿", emoji) leaves the
-    # words to match, in C rather than a Python loop per character
-    return unicodedata.normalize("NFKD", text.lower()).encode("ascii", "ignore").decode()
+    # words to match, in C rather than a Python loop per character. Lowercased last, once the text is ASCII:
+    # lower() of non-ASCII text looks up each character's Unicode case mapping, a third of this function's cost
+    # in instructions (bench/README.md); the result is the same but for compatibility capitals such as "ᴬ" or "ℂ",
+    # which now come out lowercase too.
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+
+
+EDGES = "?!.,;:"  # punctuation a word may carry on either side ("¿" and "¡" are gone: _plain drops non-ASCII)
+
+
+def _has_token(text: str, word: str) -> bool:
+    """Whether `word` is one of the whitespace-separated tokens of `text`, the punctuation around it aside (what
+    `word in {t.strip(EDGES) for t in text.split()}` says, without making a string per token: a reply reads
+    every message it answers). A `word` with spaces inside ("pan dulce") is found as those tokens in a row."""
+    start = text.find(word)
+    while start != -1:
+        before, after = start, start + len(word)
+        while before > 0 and text[before - 1] in EDGES:
+            before -= 1
+        while after < len(text) and text[after] in EDGES:
+            after += 1
+        if (before == 0 or text[before - 1].isspace()) and (after == len(text) or text[after].isspace()):
+            return True
+        start = text.find(word, start + 1)
+    return False
 
 
 def _has_word(text: str, words: tuple[str, ...]) -> bool:
@@ -34,7 +59,12 @@ def _has_word(text: str, words: tuple[str, ...]) -> bool:
 class OfflineNatalia:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog  # fixed for the process (catalog_file is a restart-only setting): worked out once
-        self._keywords = [(a.id, {a.id} | {_plain(k) for k in a.keywords}) for a in catalog.albums.values()]
+        # each album's words as _plain leaves them, stripped like the tokens they are compared with ("¿salado?"
+        # means salado; one left with nothing, such as "?", would match any lone question mark)
+        self._keywords = [
+            (a.id, sorted({w for w in ({a.id} | {_plain(k).strip(EDGES) for k in a.keywords}) if w}))
+            for a in catalog.albums.values()
+        ]
         titles = [a.title for a in catalog.albums.values()]
         self._titles_text = " o ".join(titles) if len(titles) <= 2 else ", ".join(titles[:-1]) + " o " + titles[-1]
 
@@ -42,9 +72,8 @@ class OfflineNatalia:
         return self._titles_text
 
     def _album_named(self, text: str) -> str | None:
-        words = {w.strip("¿?¡!.,;:") for w in text.split()}
         for album, keywords in self._keywords:
-            if not keywords.isdisjoint(words):
+            if any(_has_token(text, k) for k in keywords):
                 return album
         return None
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import random
 import secrets
 import sys
@@ -53,6 +54,7 @@ from .metrics import Metrics
 from .store import Store
 
 log = structlog.get_logger("natalia_secure.replies")
+_debug_logger = logging.getLogger("natalia_secure.replies")  # a cheap level check for the per-part line (intake.py)
 
 DEGRADED_RETRY_S = 1.0  # how often a reply waiting on a degraded store looks again (maintenance retries every 10 s)
 WINDOW_MS = 24 * 3600 * 1000  # WhatsApp's customer service window
@@ -95,7 +97,8 @@ class LogOutbox:
 
     async def send(self, to: str, part: Outgoing, reply_to: str | None = None, tag: str | None = None) -> str:
         self.sent += 1
-        log.debug("reply_part_logged", phone=to, kind="image" if part.image else "text", chars=len(part.text or ""))
+        if _debug_logger.isEnabledFor(logging.DEBUG):
+            log.debug("reply_part_logged", phone=to, kind="image" if part.image else "text", chars=len(part.text or ""))
         return f"logged.{self.sent}"
 
     async def mark_read(self, message_id: str, typing: bool = False) -> None:

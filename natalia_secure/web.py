@@ -50,7 +50,7 @@ log = structlog.get_logger("natalia_secure.web")
 BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
 IDLE_TIMEOUT_S = 75.0  # a connection still reading (idle, or trickling a request) this long after its last request began
 READ_CHUNK = 16 * 1024  # bytes per socket read (HTTPServer)
-_KNOWN = {s.value for s in HTTPStatus}
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}  # HTTPStatus(code) is an enum lookup in Python: ~0.4 us a webhook
 
 
 @dataclass
@@ -85,7 +85,7 @@ class JSONHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"error": HTTPStatus(status_code).phrase.lower() if status_code in _KNOWN else "error"}))
+        self.finish(orjson.dumps({"error": _PHRASES[status_code].lower() if status_code in _PHRASES else "error"}))
 
 
 class WebhookHandler(JSONHandler):
@@ -194,7 +194,7 @@ class WebhookPost(httputil.HTTPMessageDelegate):
             }
         )
         # Answered before the whole body was read (401, 413), Tornado adds "Connection: close" and closes after it.
-        start = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
+        start = httputil.ResponseStartLine("HTTP/1.1", status, _PHRASES[status])
         self.connection.write_headers(start, headers, data)
         self.connection.finish()
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)

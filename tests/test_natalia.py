@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from natalia_secure import catalog, sessions
+from natalia_secure import catalog, natalia, sessions
 from natalia_secure.assistant import PhotoTool
 from natalia_secure.natalia import OfflineNatalia
 
@@ -55,3 +57,35 @@ def test_everything_else_gets_a_sensible_answer(said: str, expected: str) -> Non
     """Thanks, and the placeholders of media messages (whatsapp.readable_text), get polite answers."""
     text, _ = ask(["Hola", "¡Hola!", said])
     assert expected in text
+
+
+# The words of a message, as the offline Natalia first matched them (a set of stripped tokens); _has_token says the
+# same without a string per token. Drawn from an alphabet dense in keyword letters, edges and kinds of whitespace.
+TOKEN_TEXT = st.text(alphabet="salado ?!.,;:\t\n\x1cx", max_size=40)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=TOKEN_TEXT, word=st.sampled_from(["salado", "salados", "a", "la.do", "s?a"]))
+def test_has_token_says_what_the_set_of_stripped_tokens_says(text: str, word: str) -> None:
+    assert natalia._has_token(text, word) is (word in {t.strip(natalia.EDGES) for t in text.split()})
+
+
+@given(text=st.text(max_size=30))
+def test_plain_is_lowercase_ascii_without_accents(text: str) -> None:
+    plain = natalia._plain(text)
+    assert plain.isascii() and plain == plain.lower()
+    assert natalia._plain("¿Tienes MÁS fotos? 📸 Ñandú") == "tienes mas fotos?  nandu"
+
+
+def test_album_keywords_match_with_the_punctuation_around_them_and_only_as_whole_words() -> None:
+    named = OfflineNatalia(CATALOG)._album_named
+    assert named("quiero ver salados, y dulces!") == "salado"  # catalog order, wherever each is named
+    assert named("y...dulces?!") is None and named("ensaladas") is None and named("saladitos") is None
+    assert named("unas tartas;") == "dulce" and named("?") is None
+
+
+def test_a_keyword_of_several_words_or_with_punctuation_is_matched_as_written() -> None:
+    albums = {"horno": catalog.Album("horno", "Pan", CATALOG.albums["salado"].images, ("pan dulce", "¿baguette?"))}
+    named = OfflineNatalia(catalog.Catalog(albums))._album_named
+    assert named("quiero pan dulce!") == "horno" and named("una baguette") == "horno"
+    assert named("pan, dulce") is None and named("el pan") is None
