@@ -20,12 +20,12 @@ THANKS = ("gracias", "genial", "perfecto")
 
 
 def _plain(text: str) -> str:
-    """Lowercase without accents: "¿Tienes MÁS fotos?" -> "¿tienes mas fotos?"."""
+    """Lowercase ASCII without accents: "¿Tienes MÁS fotos?" -> "tienes mas fotos?"."""
     # NFKD splits "á" into "a" + a combining accent; dropping what is not ASCII (accents, "¿", emoji) leaves the
     # words to match, in C rather than a Python loop per character. Lowercased last, once the text is ASCII:
     # lower() of non-ASCII text looks up each character's Unicode case mapping, a third of this function's cost
-    # in instructions (bench/README.md); the result is the same but for compatibility capitals such as "ᴬ" or "ℂ",
-    # which now come out lowercase too.
+    # in instructions (bench/README.md); the result is the same but for compatibility capitals such as the
+    # modifier letter capital A (U+1D2C), which now come out lowercase too.
     if text.isascii():
         return text.lower()
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
