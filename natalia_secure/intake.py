@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -47,8 +47,7 @@ class WebhookSecrets:
         return "WebhookSecrets(<hidden>)"
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # a named tuple: one per webhook (whatsapp.Inbound says why)
     status: int
     outcome: str  # a metrics label (metrics.WEBHOOK_OUTCOMES)
     body: dict[str, Any]
