@@ -41,19 +41,24 @@ class LoopCounter:
 
     def __init__(self, name: str, doc: str, label: str, values: Iterable[str], listed: bool = True) -> None:
         self.name, self.doc, self.label = name, doc, label
-        self.values = frozenset(values)
-        self.created = time.time()
-        self.counts = dict.fromkeys(values if listed else (), 0.0)
+        self.values = tuple(values)
+        now = time.time()
+        self.counts = dict.fromkeys(self.values if listed else (), 0.0)
+        self.created = dict.fromkeys(self.counts, now)  # per value, as prometheus_client's children have it
 
     def inc(self, value: str) -> None:
-        if value not in self.values:
-            raise KeyError(f"{self.name}: {value!r} is not one of its {self.label}s")
-        self.counts[value] = self.counts.get(value, 0.0) + 1.0
+        count = self.counts.get(value)
+        if count is None:
+            if value not in self.values:
+                raise KeyError(f"{self.name}: {value!r} is not one of its {self.label}s")
+            self.created[value] = time.time()
+            count = 0.0
+        self.counts[value] = count + 1.0
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
         for value, count in self.counts.items():
-            family.add_metric([value], count, created=self.created)
+            family.add_metric([value], count, created=self.created[value])
         return family
 
 

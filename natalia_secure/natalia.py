@@ -37,7 +37,8 @@ EDGES = "?!.,;:"  # punctuation a word may carry on either side ("¿" and "¡" a
 def _has_token(text: str, word: str) -> bool:
     """Whether `word` is one of the whitespace-separated tokens of `text`, the punctuation around it aside (what
     `word in {t.strip(EDGES) for t in text.split()}` says, without making a string per token: a reply reads
-    every message it answers). A `word` with spaces inside ("pan dulce") is found as those tokens in a row."""
+    every message it answers). A `word` of several words ("pan dulce") is found where the text has them one space
+    apart (as a reply joins the messages it answers)."""
     start = text.find(word)
     while start != -1:
         before, after = start, start + len(word)
@@ -51,6 +52,11 @@ def _has_token(text: str, word: str) -> bool:
     return False
 
 
+def _keyword(keyword: str) -> str:
+    """A catalog keyword as _has_token looks for it: plain, its words one space apart, no punctuation at its ends."""
+    return " ".join(_plain(keyword).split()).strip(EDGES).strip()
+
+
 def _has_word(text: str, words: tuple[str, ...]) -> bool:
     padded = f" {text} "
     return any(w in padded for w in words)
@@ -60,10 +66,9 @@ class OfflineNatalia:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog  # fixed for the process (catalog_file is a restart-only setting): worked out once
         # each album's words as _plain leaves them, stripped like the tokens they are compared with ("¿salado?"
-        # means salado; one left with nothing, such as "?", would match any lone question mark)
+        # means salado; one left with nothing, such as "?", would match any lone question mark), words one space apart
         self._keywords = [
-            (a.id, sorted({w for w in ({a.id} | {_plain(k).strip(EDGES) for k in a.keywords}) if w}))
-            for a in catalog.albums.values()
+            (a.id, sorted({w for w in ({a.id} | {_keyword(k) for k in a.keywords}) if w})) for a in catalog.albums.values()
         ]
         titles = [a.title for a in catalog.albums.values()]
         self._titles_text = " o ".join(titles) if len(titles) <= 2 else ", ".join(titles[:-1]) + " o " + titles[-1]

@@ -3,6 +3,8 @@ changes, but for the histograms' `_created` sample."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,8 +42,26 @@ def test_a_loop_counter_exposes_what_a_prometheus_counter_would_created_sample_i
         counter.inc(outcome)
         reference.labels(outcome).inc()
     assert exposition(ours) == exposition(theirs)
-    created = floatToGoString(counter.created)  # type: ignore[no-untyped-call]
+    created = floatToGoString(counter.created["ok"])  # type: ignore[no-untyped-call]
     assert f'natalia_x_created{{outcome="ok"}} {created}' in generate_latest(ours).decode()
+
+
+def test_a_value_listed_from_its_first_count_is_created_then() -> None:
+    """As prometheus_client creates a child at its first labels() call: its _created is then, not the start's."""
+    counter = LoopCounter("natalia_x", "help", "kind", ("text", "image"), listed=False)
+    time.sleep(0.01)
+    first = time.time()
+    counter.inc("text")
+    counter.inc("text")
+    text = generate_latest(_registry(counter)).decode()
+    assert 'natalia_x_total{kind="text"} 2.0' in text and "image" not in text
+    assert set(counter.created) == {"text"} and first <= counter.created["text"] <= time.time()
+
+
+def _registry(*metrics: LoopCounter | LoopHistogram) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(LoopMetrics(*metrics))
+    return registry
 
 
 def test_the_daemon_metrics_list_each_series_from_the_start_and_message_kinds_once_seen() -> None:

@@ -85,7 +85,7 @@ def test_album_keywords_match_with_the_punctuation_around_them_and_only_as_whole
 
 
 def test_a_keyword_of_several_words_or_with_punctuation_is_matched_as_written() -> None:
-    albums = {"horno": catalog.Album("horno", "Pan", CATALOG.albums["salado"].images, ("pan dulce", "¿baguette?"))}
+    albums = {"horno": catalog.Album("horno", "Pan", CATALOG.albums["salado"].images, ("pan  dulce", "¿baguette ?"))}
     named = OfflineNatalia(catalog.Catalog(albums))._album_named
     assert named("quiero pan dulce!") == "horno" and named("una baguette") == "horno"
     assert named("pan, dulce") is None and named("el pan") is None
