@@ -38,8 +38,10 @@ from typing import Any, cast
 import orjson
 import structlog
 import tornado.httpserver
+import tornado.iostream
 import tornado.web
 from tornado import http1connection, httputil
+from tornado.ioloop import IOLoop
 
 from . import logs, whatsapp
 from .deadlines import Deadlines
@@ -50,6 +52,7 @@ log = structlog.get_logger("natalia_secure.web")
 BODY_TIMEOUT_S = 30.0  # a webhook body not read whole by then: the connection is closed
 IDLE_TIMEOUT_S = 75.0  # a connection still reading (idle, or trickling a request) this long after its last request began
 READ_CHUNK = 16 * 1024  # bytes per socket read (HTTPServer)
+READ_AHEAD = READ_CHUNK  # unread bytes below which a connection keeps listening for reads (ConnectionStream)
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}  # HTTPStatus(code) is an enum lookup in Python: ~0.4 us a webhook
 
 
@@ -200,6 +203,44 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)
 
 
+class ConnectionStream(tornado.iostream.IOStream):
+    """Tornado's IOStream for the daemon's HTTP connections, without two changes per request to the socket's
+    registration (bench/README.md, 2026-11-26 afternoon: ~5% of serve's main thread per webhook):
+
+    - It keeps listening for reads while less than READ_AHEAD bytes wait unread in its buffer. Tornado stops as
+      soon as a read leaves bytes there (a webhook's body arrives with its headers and waits for the coroutine that
+      takes it) and starts again once they are taken, to notice a client closing while the answer is awaited: with
+      uvloop, a poll handle closed and opened again, 6 epoll_ctl and an ioctl per webhook. Bytes a client sends
+      ahead (pipelining) are read while they are fewer than READ_AHEAD, so at most two socket reads wait unread
+      (with Tornado's rule, one).
+    - TCP_NODELAY stays on. Tornado turns it on for a response's last write and off after it (two setsockopt per
+      request) so that Nagle's algorithm coalesces a response written in pieces; ours are written in one piece.
+    """
+
+    @property  # Tornado's attribute (the events it listens for), read and written by its own methods
+    def _state(self) -> int | None:
+        return cast("int | None", self.__dict__.get("_state"))
+
+    @_state.setter
+    def _state(self, state: int | None) -> None:
+        kept = self.__dict__.get("_state")
+        if state is not None and kept is not None and kept & IOLoop.READ and self._read_buffer_size < READ_AHEAD:
+            state |= IOLoop.READ
+            if not self.reading():  # the last read's size limit, left set, would make a read ahead run up to it
+                self._read_max_bytes = None
+        self.__dict__["_state"] = state
+
+    def set_nodelay(self, value: bool) -> None:
+        pass  # on since the connection was accepted (HTTPServer.handle_stream)
+
+    @classmethod
+    def adopt(cls, stream: tornado.iostream.IOStream) -> None:
+        """Make a stream Tornado's TCPServer has just made (and not yet used) one of ours, with TCP_NODELAY on."""
+        if type(stream) is tornado.iostream.IOStream:  # a TLS stream (SSLIOStream) stays as it is
+            stream.__class__ = cls
+            tornado.iostream.IOStream.set_nodelay(stream, True)
+
+
 class HTTPServer(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with its idle connection timeout as a deadline per connection (`Deadlines`; the module
     docstring says why), renewed as each request starts: a connection still reading (waiting for its next request,
@@ -215,6 +256,10 @@ class HTTPServer(tornado.httpserver.HTTPServer):
         self.conn_params.header_timeout = None  # no timeout future around each header read: the deadline instead
         self.idle_timeout = idle_timeout
         self.deadlines = Deadlines()
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
+        ConnectionStream.adopt(stream)
+        super().handle_stream(stream, address)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         # called as the connection starts waiting for a request: the deadline is renewed once per request

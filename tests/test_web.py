@@ -68,6 +68,7 @@ class Server:
     outbox: Recorder
     metrics: Metrics
     client: tornado.httpclient.AsyncHTTPClient
+    http: web.HTTPServer
 
     async def fetch(
         self, path: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
@@ -119,7 +120,8 @@ async def serving(
     server.add_sockets(sockets)
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_body_size=16 * 1024 * 1024)
     try:
-        yield Server(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", store, intake, conversations, outbox, metrics, client)
+        url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+        yield Server(url, store, intake, conversations, outbox, metrics, client, server)
     finally:
         client.close()
         server.stop()
@@ -664,6 +666,90 @@ def test_webhook_answers_are_json_with_a_date_and_keep_the_connection(state_dir:
                 assert abs(email.utils.parsedate_to_datetime(headers["date"]).timestamp() - srv.store.clock() / 1000) < 5
             writer.close()
             assert srv.metric("natalia_webhooks_total", "outcome=ok") == 3
+
+    run(go())
+
+
+def server_streams(srv: Server) -> list[Any]:
+    """The server's side of each open connection (Tornado's IOStream)."""
+    return [conn.stream for conn in srv.http._connections]  # type: ignore[attr-defined]
+
+
+def test_a_connection_keeps_its_poll_registration_and_nodelay_between_webhooks(
+    state_dir: str, master: MasterKey
+) -> None:
+    """web.ConnectionStream: webhooks one after another on a keep-alive connection never take its socket out of the
+    event loop's read set (Tornado's IOStream does, and puts it back, for every request), and TCP_NODELAY stays on
+    (Tornado turns it off after each answer)."""
+
+    async def go() -> None:
+        async with serving(state_dir, master) as srv:
+            loop = asyncio.get_running_loop()
+            removed: list[int] = []
+            remove_reader = loop.remove_reader
+
+            def counting(fd: Any) -> bool:
+                removed.append(fd)
+                return remove_reader(fd)
+
+            loop.remove_reader = counting  # type: ignore[method-assign]
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for n in range(5):
+                assert (await raw_post(writer, reader, one(f"wamid.R{n}")))[0] == "HTTP/1.1 200 OK"
+            assert removed == []
+            (stream,) = server_streams(srv)
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            writer.close()
+            await settle(srv)
+
+    run(go())
+
+
+class HeldIntake(Intake):
+    """Answers nothing until `gate` is set."""
+
+    gate: asyncio.Event
+
+    async def _accept(self, body: bytes, signature: str | None) -> Any:
+        await self.gate.wait()
+        return await super()._accept(body, signature)
+
+
+def test_pipelined_webhooks_are_answered_in_order_and_what_is_read_ahead_is_bounded(
+    state_dir: str, master: MasterKey
+) -> None:
+    """A client that sends requests ahead (HTTP/1.1 pipelining) while one is being answered gets every answer, in
+    order; meanwhile the server holds at most two socket reads of them (READ_AHEAD, then the read that crossed
+    it), the rest waits in the kernel until the answer is written."""
+
+    async def go() -> None:
+        HeldIntake.gate = asyncio.Event()
+        async with serving(state_dir, master, intake_type=HeldIntake) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            texts = [f"pipelined {n:03d} " + "x" * 2000 for n in range(150)]  # ~330 KB in all
+            for n, text in enumerate(texts):
+                body = one(f"wamid.P{n:03d}", text=text)
+                head = f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{whatsapp.SIGNATURE_HEADER}: "
+                writer.write(head.encode() + whatsapp.sign(SECRET, body).encode() + b"\r\n\r\n" + body)
+            await asyncio.sleep(0.5)  # the first is held; the server reads ahead what it will
+            (stream,) = server_streams(srv)
+            assert 0 < stream._read_buffer_size <= web.READ_AHEAD + web.READ_CHUNK
+            HeldIntake.gate.set()
+            await writer.drain()
+            for _ in texts:
+                status = (await reader.readline()).decode().strip()
+                assert status == "HTTP/1.1 200 OK"
+                headers = {}
+                while (line := (await reader.readline()).decode().strip()) != "":
+                    name, value = line.split(":", 1)
+                    headers[name.lower()] = value.strip()
+                await reader.readexactly(int(headers["content-length"]))
+            writer.close()
+            kept = [m["content"] for m in srv.store.get("34600000001")["messages"] if m["role"] == "user"]
+            assert kept == texts
+            await settle(srv)
 
     run(go())
 
