@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import structlog
@@ -203,9 +203,21 @@ class WebhookPost(httputil.HTTPMessageDelegate):
         logs.log_access("POST", "/webhook", status, time.perf_counter() - self.started)
 
 
+class _ReadInterest:
+    """ConnectionStream's `_state` (Tornado's name for the events a stream listens for): a descriptor with `__set__`
+    and no `__get__`, so every assignment comes here and every read is a plain look in the instance's dict (Tornado
+    reads it ~20 times per request; a property would be a Python call each time)."""
+
+    def __set__(self, stream: ConnectionStream, state: int | None) -> None:
+        kept = stream.__dict__.get("_state")
+        if state is not None and kept is not None and kept & IOLoop.READ and stream._read_buffer_size < READ_AHEAD:
+            state |= IOLoop.READ
+        stream.__dict__["_state"] = state
+
+
 class ConnectionStream(tornado.iostream.IOStream):
-    """Tornado's IOStream for the daemon's HTTP connections, without two changes per request to the socket's
-    registration (bench/README.md, 2026-11-26 afternoon: ~5% of serve's main thread per webhook):
+    """Tornado's IOStream for the daemon's HTTP connections, with the system calls per webhook down from ~11 to the
+    recv and the send (getpid aside: Python 3.11's asyncio; bench/README.md, 2026-11-26 afternoon):
 
     - It keeps listening for reads while less than READ_AHEAD bytes wait unread in its buffer. Tornado stops as
       soon as a read leaves bytes there (a webhook's body arrives with its headers and waits for the coroutine that
@@ -213,22 +225,37 @@ class ConnectionStream(tornado.iostream.IOStream):
       uvloop, a poll handle closed and opened again, 6 epoll_ctl and an ioctl per webhook. Bytes a client sends
       ahead (pipelining) are read while they are fewer than READ_AHEAD, so at most two socket reads wait unread
       (with Tornado's rule, one).
+    - The socket is read only when it has bytes. A read that the buffer cannot satisfy waits for the event loop
+      when the socket is listened to already (Tornado tries the socket first: after each answer an empty one, as
+      the client has not sent its next request yet; the loop's polling is level-triggered, so whatever the socket
+      holds is reported at its next turn), and a finished read's size limit goes with it. Each read of an empty
+      socket is a system call and an exception in Python.
     - TCP_NODELAY stays on. Tornado turns it on for a response's last write and off after it (two setsockopt per
       request) so that Nagle's algorithm coalesces a response written in pieces; ours are written in one piece.
     """
 
-    @property  # Tornado's attribute (the events it listens for), read and written by its own methods
-    def _state(self) -> int | None:
-        return cast("int | None", self.__dict__.get("_state"))
+    if TYPE_CHECKING:
+        _state: int | None  # what reads of it give (the instance's dict): mypy does not follow a set-only descriptor
+    else:
+        _state = _ReadInterest()
 
-    @_state.setter
-    def _state(self, state: int | None) -> None:
-        kept = self.__dict__.get("_state")
-        if state is not None and kept is not None and kept & IOLoop.READ and self._read_buffer_size < READ_AHEAD:
-            state |= IOLoop.READ
-            if not self.reading():  # the last read's size limit, left set, would make a read ahead run up to it
-                self._read_max_bytes = None
-        self.__dict__["_state"] = state
+    def _read_from_buffer(self, pos: int) -> None:
+        # Tornado forgets a finished read's target but keeps its size limit (a header read's 64 KiB): bytes arriving
+        # before the next read starts (the next request, here before the last answer's coroutine has resumed) would
+        # be read up to that limit, always one read too many (an empty socket), and more when a client sends ahead.
+        self._read_max_bytes = None
+        super()._read_from_buffer(pos)
+
+    def _try_inline_read(self) -> None:
+        state = self._state
+        if state is None or not state & IOLoop.READ:
+            super()._try_inline_read()
+            return
+        pos = self._find_read_pos()
+        if pos is not None:
+            self._read_from_buffer(pos)
+        else:
+            self._check_closed()  # a closed stream fails the read now, as Tornado's does
 
     def set_nodelay(self, value: bool) -> None:
         pass  # on since the connection was accepted (HTTPServer.handle_stream)
