@@ -223,9 +223,13 @@ class ConnectionStream(tornado.iostream.IOStream):
     - It keeps listening for reads while less than READ_AHEAD bytes wait unread in its buffer. Tornado stops as
       soon as a read leaves bytes there (a webhook's body arrives with its headers and waits for the coroutine that
       takes it) and starts again once they are taken, to notice a client closing while the answer is awaited: with
-      uvloop, a poll handle closed and opened again, 6 epoll_ctl and an ioctl per webhook. Bytes a client sends
-      ahead (pipelining) are read while they are fewer than READ_AHEAD, so at most two socket reads wait unread
-      (with Tornado's rule, one).
+      uvloop, a poll handle closed and opened again, 6 epoll_ctl and an ioctl per webhook. While an answer is
+      awaited, bytes a client sends ahead (pipelining) are read while fewer than READ_AHEAD wait, one socket read
+      at a time: less than READ_AHEAD + one read (32 KiB) is held (Tornado's IOStream, through the size limit it
+      leaves set, reads up to 64 KiB ahead). One difference: a client that pipelines requests and then shuts its
+      side (half-close) is seen to close at once, so the answers still to come are not written (the requests are
+      handled: their messages are durable, and Meta's redelivery is answered as a duplicate). Tornado notices it
+      only once the buffered requests are answered; for a single request, both close before the answer.
     - The socket is read only when it has bytes. A read that the buffer cannot satisfy waits for the event loop
       when the socket is listened to already (Tornado tries the socket first: after each answer an empty one, as
       the client has not sent its next request yet; the loop's polling is level-triggered, so whatever the socket
@@ -273,7 +277,7 @@ class HTTPServer(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with its idle connection timeout as a deadline per connection (`Deadlines`; the module
     docstring says why), renewed as each request starts: a connection still reading (waiting for its next request,
     or receiving one) when `idle_timeout` has passed is closed; one answering a request is looked at again later.
-    Each connection's stream is a ConnectionStream."""
+    Each connection's stream is a ConnectionStream (a TLS one would stay Tornado's: the daemon serves plain HTTP)."""
 
     def initialize(self, *args: Any, idle_timeout: float = IDLE_TIMEOUT_S, **kwargs: Any) -> None:
         if "idle_connection_timeout" in kwargs:  # Tornado's, which this class replaces: never silently ignored
